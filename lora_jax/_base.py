@@ -1,0 +1,102 @@
+"""The abstract adapter value that every method (LoRA, DoRA, LoKr, LoHa, ...) extends."""
+
+import abc
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.core
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import quax
+from jaxtyping import Array, Shaped
+
+
+_REFUSE = "Refusing to materialise `{}` with `allow_materialise=False`."
+
+
+class AbstractAdapter(quax.ArrayValue):
+    """An array that behaves as `w + Δ` for a frozen weight `w` and a trainable update
+    `Δ` held in factored form.
+
+    Subclasses store their factors as fields and implement `delta()` (the dense update,
+    used only for merging and for the materialise fallback) plus whatever quax rules
+    compute with the factors directly.
+
+    The class attribute `trainable_fields` names the fields an optimiser trains;
+    `frozen_fields` names the fields holding the (frozen) base weight. Every other array
+    leaf (the scaling, for example) is a hyperparameter: never trained, never counted as
+    a parameter.
+    """
+
+    _w: eqx.AbstractVar[Shaped[Array, "*batch out in"]]
+    stop_gradient: eqx.AbstractVar[bool]
+    allow_materialise: eqx.AbstractVar[bool]
+
+    trainable_fields: ClassVar[tuple[str, ...]]
+    frozen_fields: ClassVar[tuple[str, ...]] = ("_w",)
+
+    @property
+    def w(self):
+        """The base weight, as the model sees it (gradient stopped if `stop_gradient`)."""
+        if self.stop_gradient:
+            # Leaf by leaf, so a nested quax value (a quantised `w`) stays one.
+            return jtu.tree_map(lax.stop_gradient, self._w)
+        return self._w
+
+    def aval(self):
+        return jax.core.ShapedArray(self._w.shape, self._w.dtype)
+
+    @abc.abstractmethod
+    def delta(self) -> Array:
+        """The dense update `Δ`, in the adapter's dtype. Used only for merging."""
+
+    def merge(self) -> Array:
+        """`w + Δ` as a plain array in the base weight's dtype, whatever
+        `allow_materialise` says. This is what [`lora_jax.materialise`][] uses."""
+        return _merge(self._w, self.delta())
+
+    def materialise(self):
+        if self.allow_materialise:
+            return _merge(self.w, self.delta())
+        raise RuntimeError(_REFUSE.format(type(self).__name__))
+
+    # Hooks for the shared rules in `_rules.py`. The defaults materialise (which
+    # refuses unless `allow_materialise=True`); variants override what they can do
+    # without forming `w + Δ`.
+
+    def dot_general(self, other, dims, params):
+        """`lax.dot_general` with this value on the side `dims.adapter_lhs` says."""
+        from ._rules import join_dims
+
+        dn = join_dims(*dims)
+        if dims.adapter_lhs:
+            return quax.quaxify(lax.dot_general)(self.materialise(), other, dn, **params)
+        return quax.quaxify(lax.dot_general)(other, self.materialise(), dn, **params)
+
+    def transpose(self, permutation: tuple[int, ...], *, swap: bool):
+        """`lax.transpose` by a `permutation` that keeps the matrix dimensions last
+        (`swap`: whether it exchanges them)."""
+        return quax.quaxify(lax.transpose)(self.materialise(), permutation)
+
+    def astype_base(self, dtype):
+        """`convert_element_type` of the whole value: the base weight is cast; the
+        factors keep the adapter dtype they were given."""
+        w = quax.quaxify(lambda x: x.astype(dtype))(self._w)
+        return eqx.tree_at(lambda v: v._w, self, w)
+
+
+@quax.quaxify
+def _merge(w, delta):
+    return w + delta.astype(w.dtype)
+
+
+def is_adapter(x) -> bool:
+    """Whether `x` is an adapter value (a [`lora_jax.LoraArray`][] or another method's)."""
+    return isinstance(x, AbstractAdapter)
+
+
+def as_scaling(value) -> Array:
+    """Scalings are float32 array leaves, so changing one never recompiles."""
+    return jnp.asarray(value, dtype=jnp.float32)

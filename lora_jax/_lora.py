@@ -1,0 +1,157 @@
+"""LoRA: `w + s·a @ b`, computed as `w·x + s·a·(b·x)`."""
+
+import math
+from typing import Literal
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import quax
+from jaxtyping import Array, Float, PRNGKeyArray, Shaped
+
+from ._base import AbstractAdapter, as_scaling
+from ._rules import Dims, join_dims, lowrank_product
+from ._validate import check_dtype, check_key, check_rank, check_scalar, check_weight
+
+
+Init = Literal["quax", "peft", "gaussian"]
+
+
+def lora_scaling(rank: int, alpha: float | None, rslora: bool) -> float:
+    """`1` when `alpha` is `None` (quax's convention), `alpha / rank` (PEFT's), or
+    `alpha / sqrt(rank)` with `rslora` (rank-stabilised LoRA)."""
+    if alpha is None:
+        if rslora:
+            raise ValueError("`rslora=True` needs `alpha`: the scaling is alpha/sqrt(rank).")
+        return 1.0
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+class LoraArray(AbstractAdapter):
+    """Replaces a matrix `w ∈ R^{n×m}` with `w + s·a @ b`, where `a ∈ R^{n×k}`,
+    `b ∈ R^{k×m}` and `s` is a scalar scaling.
+
+    The sum is never formed: quax's dispatch computes every product with the matrix as
+    `w·x + s·a·(b·x)`. Leading dimensions of `w` (stacked layers) are carried by the
+    factors too. A drop-in replacement for `quax.examples.lora.LoraArray`.
+    """
+
+    _w: Shaped[Array, "*batch out in"]
+    a: Float[Array, "*batch out rank"]
+    b: Float[Array, "*batch rank in"]
+    scaling: Float[Array, ""]
+    stop_gradient: bool = eqx.field(static=True)
+    allow_materialise: bool = eqx.field(static=True)
+
+    trainable_fields = ("a", "b")
+
+    def __init__(
+        self,
+        weight: Shaped[Array, "*batch out in"],
+        *,
+        rank: int,
+        scale: float = 0.01,
+        allow_materialise: bool = False,
+        stop_gradient: bool = True,
+        key: PRNGKeyArray,
+        alpha: float | None = None,
+        rslora: bool = False,
+        init: Init = "quax",
+        dtype=None,
+    ):
+        """**Arguments:**
+
+        - `weight`: the original weight to wrap, of shape `(*batch, out, in)`.
+        - `rank`: the rank of the low-rank adaptation.
+        - `scale`: with `init="quax"`, `a` is initialised at `Normal(0, scale²)`.
+        - `allow_materialise`: if an operation has no rule for `LoraArray`, either
+            (a) raise an error (`False`, the default), or (b) silently form
+            `w + s·a @ b` and carry on (`True`).
+        - `stop_gradient`: whether to stop the gradient of (freeze) `weight`.
+        - `key`: randomness for initialising the factors.
+        - `alpha`: the scaling is `alpha / rank` (PEFT's `lora_alpha`). `None` (the
+            default) keeps quax's scaling of `1`.
+        - `rslora`: scale by `alpha / sqrt(rank)` instead (rank-stabilised LoRA).
+        - `init`: `"quax"` (`a ~ Normal(0, scale²)`, `b = 0`), `"peft"` (`a = 0`, `b`
+            Kaiming-uniform as PEFT's `lora_A`) or `"gaussian"` (`a = 0`,
+            `b ~ Normal(0, 1/rank²)`). Each makes the adapter a no-op at
+            initialisation.
+        - `dtype`: the factors' dtype (float32 factors on a bfloat16 base, say).
+            Defaults to the weight's.
+
+        !!! Example
+
+            ```python
+            import jax.numpy as jnp
+            import jax.random as jr
+            import quax
+            import lora_jax as lora
+
+            w = jr.normal(jr.key(0), (3, 4))
+            lw = lora.LoraArray(w, rank=2, key=jr.key(1))
+            x = jnp.ones(4)
+            assert jnp.allclose(quax.quaxify(jnp.matmul)(lw, x), w @ x)
+            ```
+        """
+        check_weight(weight, "weight")
+        check_rank(rank)
+        check_key(key)
+        check_scalar(scale, "scale")
+        if alpha is not None:
+            check_scalar(alpha, "alpha", positive=True)
+        if init not in ("quax", "peft", "gaussian"):
+            raise ValueError(
+                f"`init` must be one of 'quax', 'peft' or 'gaussian', got {init!r}."
+            )
+        dtype = check_dtype(dtype, weight.dtype)
+        *batch, out, inp = weight.shape
+        a_shape, b_shape = (*batch, out, rank), (*batch, rank, inp)
+        if init == "quax":
+            a = jr.normal(key, a_shape, dtype) * jnp.asarray(scale, dtype)
+            b = jnp.zeros(b_shape, dtype)
+        elif init == "peft":
+            bound = 1 / math.sqrt(inp)
+            a = jnp.zeros(a_shape, dtype)
+            b = jr.uniform(key, b_shape, dtype, -bound, bound)
+        else:
+            a = jnp.zeros(a_shape, dtype)
+            b = jr.normal(key, b_shape, dtype) * jnp.asarray(1 / rank, dtype)
+        self._w = weight
+        self.a = a
+        self.b = b
+        self.scaling = as_scaling(lora_scaling(rank, alpha, rslora))
+        self.stop_gradient = stop_gradient
+        self.allow_materialise = allow_materialise
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    def delta(self) -> Array:
+        return _delta(self.a, self.b, lax.stop_gradient(self.scaling))
+
+    def dot_general(self, other, dims: Dims, params):
+        return _lora_dot(self.w, self.a, self.b, lax.stop_gradient(self.scaling), other, dims, params)
+
+    def transpose(self, permutation, *, swap):
+        t = lambda x: lax.transpose(x, permutation)
+        a, b = (t(self.b), t(self.a)) if swap else (t(self.a), t(self.b))
+        w = quax.quaxify(t)(self._w)
+        return eqx.tree_at(lambda v: (v._w, v.a, v.b), self, (w, a, b))
+
+
+def _delta(a, b, scaling):
+    batch = tuple(range(a.ndim - 2))
+    ab = lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)))
+    return ab * scaling.astype(ab.dtype)
+
+
+@quax.quaxify
+def _lora_dot(w, a, b, scaling, other, dims: Dims, params):
+    out = lax.dot_general(w, other, join_dims(*dims), **params) if dims.adapter_lhs else (
+        lax.dot_general(other, w, join_dims(*dims), **params)
+    )
+    a = a * scaling.astype(a.dtype)
+    delta = lowrank_product(a, b, other, dims, params.get("precision"))
+    return out + delta.astype(out.dtype)

@@ -1,0 +1,307 @@
+"""`loraify`: walk an Equinox PyTree and swap the weights it targets for adapters;
+`materialise` and `unloraify` undo it."""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import equinox as eqx
+import jax.random as jr
+import jax.tree_util as jtu
+from jaxtyping import PRNGKeyArray, PyTree
+
+from ._base import is_adapter
+from ._lora import LoraArray
+from ._targets import (
+    Where,
+    describe_where,
+    layer_index,
+    lookup_pattern,
+    make_matcher,
+    pattern_key_matches,
+    path_name,
+)
+from ._validate import check_choice, check_key, check_rank, check_scalar
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How `loraify` adapts one kind of Equinox layer: which field holds the weight
+    and how a method wraps it."""
+
+    type: type
+    field: str = "weight"
+
+
+# The layers loraify can adapt, by type. Later layer kinds register here.
+LAYERS: dict[type, LayerKind] = {eqx.nn.Linear: LayerKind(eqx.nn.Linear)}
+
+
+def _build_lora(weight, *, rank, alpha, key, layer, options):
+    del layer
+    return LoraArray(weight, rank=rank, alpha=alpha, key=key, **options)
+
+
+# method name -> builder(weight, *, rank, alpha, key, layer, options) -> adapter value.
+METHODS: dict[str, Callable[..., Any]] = {"lora": _build_lora}
+
+
+def _is_candidate(x) -> bool:
+    return type(x) in LAYERS
+
+
+def _weight(layer):
+    return getattr(layer, LAYERS[type(layer)].field)
+
+
+def find_targets(
+    model,
+    *,
+    where: Where = None,
+    exclude: Where = None,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+) -> list[tuple[str, Any]]:
+    """The `(name, layer)` pairs `loraify` would adapt, in PyTree order."""
+    candidates = [
+        (path_name(p), node)
+        for p, node in jtu.tree_flatten_with_path(model, is_leaf=_is_candidate)[0]
+        if _is_candidate(node)
+    ]
+    names = [n for n, _ in candidates]
+    if isinstance(where, str) and where == "all-linear":
+        linear = [n for n, node in candidates if isinstance(node, eqx.nn.Linear)]
+        head = linear[-1:] if len(linear) > 1 else []
+        match = lambda name, node: isinstance(node, eqx.nn.Linear) and name not in head
+        patterns = None
+    else:
+        match, patterns = make_matcher(where, "where")
+    if patterns is not None:
+        for p in patterns:
+            if not any(_name_hit(n, p) for n in names):
+                raise ValueError(
+                    f"`where` entry {p!r} matches no layer in the model. Layers that can "
+                    f"be adapted: {_preview(names)}."
+                )
+    if exclude is not None:
+        if isinstance(exclude, str) and exclude == "all-linear":
+            raise ValueError("`exclude` takes module names, a regex or a callable.")
+        ex_match, _ = make_matcher(exclude, "exclude")
+    else:
+        ex_match = lambda name, node: False
+    if layers_to_transform is not None:
+        if isinstance(layers_to_transform, int):
+            layers_to_transform = [layers_to_transform]
+        layers_to_transform = set(int(i) for i in layers_to_transform)
+        if isinstance(layers_pattern, str):
+            layers_pattern = [layers_pattern]
+    out = []
+    for name, node in candidates:
+        if not match(name, node) or ex_match(name, node):
+            continue
+        if layers_to_transform is not None:
+            if layer_index(name, layers_pattern) not in layers_to_transform:
+                continue
+        out.append((name, node))
+    if where is not None and not out:
+        raise ValueError(
+            f"`where={describe_where(where)}` (with `exclude` and "
+            f"`layers_to_transform`) matches no layer. Layers that can be adapted: "
+            f"{_preview(names)}."
+        )
+    return out
+
+
+def _name_hit(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _preview(names: list[str]) -> str:
+    if not names:
+        return "none (the model has no eqx.nn.Linear)"
+    shown = ", ".join(repr(n) for n in names[:8])
+    return shown + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def loraify(
+    model: PyTree,
+    *,
+    rank: int,
+    key: PRNGKeyArray,
+    scale: float = 0.01,
+    allow_materialise: bool = False,
+    stop_gradient: bool = True,
+    alpha: float | None = None,
+    rslora: bool = False,
+    init: str = "quax",
+    dtype=None,
+    method: str = "lora",
+    where: Where = None,
+    exclude: Where = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    **method_options,
+) -> PyTree:
+    """Converts an [Equinox](https://github.com/patrick-kidger/equinox) model into a
+    low-rank adapted version. A drop-in replacement for `quax.examples.lora.loraify`,
+    with PEFT's targeting on top.
+
+    **Arguments:**
+
+    - `model`: the model to convert, treated as a PyTree. By default every
+        `eqx.nn.Linear` (those inside `eqx.nn.MultiheadAttention` too) has its weight
+        replaced by a [`lora_jax.LoraArray`][].
+    - `rank`: the rank of the adaptation.
+    - `key`: randomness for initialising the factors (split once per adapted layer).
+    - `scale`, `allow_materialise`, `stop_gradient`, `alpha`, `rslora`, `init`,
+        `dtype`: as for [`lora_jax.LoraArray`][].
+    - `method`: the adapter type. `"lora"` (the default).
+    - `where`: which layers to adapt, by dotted name built from the PyTree path
+        (`layers.0`, `blocks.3.attn.query_proj`): a list of names (each matches
+        exactly, or as a suffix at a dot), a regex string (full match), `"all-linear"`
+        (every `Linear` except the last, the output head), or a callable
+        `(name, layer) -> bool`. `None` (the default) adapts every supported layer.
+    - `exclude`: layers not to adapt, in the same forms as `where`.
+    - `rank_pattern`, `alpha_pattern`: per-layer overrides, `{regex: value}`, a key
+        matching the end of a layer's name at a dot (PEFT's rule).
+    - `layers_to_transform`: only layers whose index (the integer in the name, after
+        `layers_pattern` if given) is in this list.
+    - `layers_pattern`: the name of the list of layers (`"layers"`, `"blocks"`).
+
+    **Returns:**
+
+    A copy of `model` with the targeted weights replaced by adapters. The input is not
+    modified, and a weight that is already an adapter is never wrapped again.
+
+    Call the result through `quax.quaxify`, which dispatches every operation on the
+    adapters to their rules.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.numpy as jnp
+        import jax.random as jr
+        import quax
+        import lora_jax as lora
+
+        mlp = eqx.nn.MLP(4, 2, width_size=8, depth=2, key=jr.key(0))
+        mlp = lora.loraify(mlp, rank=2, key=jr.key(1))
+        y = quax.quaxify(mlp)(jnp.ones(4))
+        ```
+    """
+    rank = check_rank(rank)
+    check_key(key)
+    check_scalar(scale, "scale")
+    if alpha is not None:
+        check_scalar(alpha, "alpha", positive=True)
+    check_choice(method, "method", tuple(METHODS))
+    for name, flag in (("allow_materialise", allow_materialise), ("stop_gradient", stop_gradient), ("rslora", rslora)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
+    for argname, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if patterns is not None and not isinstance(patterns, dict):
+            raise TypeError(f"`{argname}` must be a dict {{pattern: value}}, got {type(patterns).__name__}.")
+    for k, v in (rank_pattern or {}).items():
+        check_rank(v, f"rank_pattern[{k!r}]")
+    for k, v in (alpha_pattern or {}).items():
+        check_scalar(v, f"alpha_pattern[{k!r}]", positive=True)
+
+    targets = find_targets(
+        model,
+        where=where,
+        exclude=exclude,
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
+    )
+    fresh = []
+    for name, layer in targets:
+        if is_adapter(_weight(layer)):
+            if where is not None:
+                raise ValueError(
+                    f"`where` targets {name!r}, which is already adapted; adapters are "
+                    "never nested. Call `lora_jax.materialise` first to adapt again."
+                )
+            continue
+        fresh.append((name, layer))
+    for argname, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for k in patterns or {}:
+            if not any(pattern_key_matches(n, k) for n, _ in fresh):
+                raise ValueError(
+                    f"`{argname}` key {k!r} matches no adapted layer; adapted layers: "
+                    f"{_preview([n for n, _ in fresh])}."
+                )
+
+    options = dict(
+        scale=scale,
+        allow_materialise=allow_materialise,
+        stop_gradient=stop_gradient,
+        rslora=rslora,
+        init=init,
+        dtype=dtype,
+        **method_options,
+    )
+    build = METHODS[method]
+    keys = jr.split(key, max(len(fresh), 1))
+    replacements = {}
+    for (name, layer), k in zip(fresh, keys):
+        r = lookup_pattern(name, rank_pattern, rank)
+        a = lookup_pattern(name, alpha_pattern, alpha)
+        adapter = build(_weight(layer), rank=r, alpha=a, key=k, layer=layer, options=options)
+        field = LAYERS[type(layer)].field
+        replacements[name] = eqx.tree_at(lambda l: getattr(l, field), layer, adapter)
+
+    def swap(path, node):
+        if _is_candidate(node):
+            return replacements.get(path_name(path), node)
+        return node
+
+    return jtu.tree_map_with_path(swap, model, is_leaf=_is_candidate)
+
+
+def materialise(model: PyTree) -> PyTree:
+    """Merges every adapter into a plain array, `w + Δ` in the base weight's dtype.
+
+    **Arguments:**
+
+    - `model`: a PyTree holding adapters (anywhere: layers, or bare values).
+
+    **Returns:**
+
+    The model as it would have been without LoRA: the original Equinox types holding
+    plain arrays. A model without adapters comes back unchanged.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.random as jr
+        import lora_jax as lora
+
+        linear = eqx.nn.Linear(4, 3, key=jr.key(0))
+        adapted = lora.loraify(linear, rank=2, key=jr.key(1))
+        merged = lora.materialise(adapted)
+        assert type(merged.weight) is type(linear.weight)
+        ```
+    """
+    return jtu.tree_map(lambda x: x.merge() if is_adapter(x) else x, model, is_leaf=is_adapter)
+
+
+def unloraify(model: PyTree) -> tuple[PyTree, PyTree]:
+    """Splits an adapted model into its base and its adapters (ALF's `detach`).
+
+    **Returns:**
+
+    `(base, adapters)`: `base` is the model with every adapter replaced by its original,
+    unmerged weight; `adapters` has the model's structure with `None` everywhere except
+    the adapters, which keep their factors and scalings but not the base weight.
+    """
+    base = jtu.tree_map(lambda x: x._w if is_adapter(x) else x, model, is_leaf=is_adapter)
+    adapters = jtu.tree_map(
+        lambda x: eqx.tree_at(lambda v: v._w, x, None) if is_adapter(x) else None,
+        model,
+        is_leaf=is_adapter,
+    )
+    return base, adapters

@@ -1,0 +1,258 @@
+"""Shared dispatch plumbing: `dot_general` dimension bookkeeping for a matrix held as
+`w + a @ b`, and the rules every adapter value gets (dot_general on either side,
+transpose, dtype casts, `jax.checkpoint`).
+
+Every adapter value stores a matrix-shaped weight of shape `(*batch, out, in)`. A
+`lax.dot_general` that meets it may contract, batch or keep any of its dimensions; the
+functions here work out, once per trace, how to compute the adapted product from the
+factors so that the result comes out in exactly the layout `dot_general` promises --
+no transposes beyond those the plain model has.
+"""
+
+import string
+from typing import Any, NamedTuple
+
+import jax
+import jax.extend.core as jexc
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import quax
+from jax._src.ad_checkpoint import remat_p
+from jaxtyping import ArrayLike
+
+from ._base import AbstractAdapter
+
+
+# ---------------------------------------------------------------------------------------
+# Dimension bookkeeping
+# ---------------------------------------------------------------------------------------
+
+
+class Dims(NamedTuple):
+    """A `dot_general`'s dimension numbers seen from the adapter's side."""
+
+    adapter_contract: tuple[int, ...]
+    other_contract: tuple[int, ...]
+    adapter_batch: tuple[int, ...]
+    other_batch: tuple[int, ...]
+    adapter_lhs: bool
+
+
+def split_dims(dimension_numbers, adapter_lhs: bool) -> Dims:
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = map(lambda d: tuple(int(i) for i in d), (lc, rc, lb, rb))
+    if adapter_lhs:
+        return Dims(lc, rc, lb, rb, True)
+    return Dims(rc, lc, rb, lb, False)
+
+
+def join_dims(adapter_contract, other_contract, adapter_batch, other_batch, adapter_lhs):
+    """The inverse of `split_dims`: dimension numbers in `dot_general`'s own order."""
+    if adapter_lhs:
+        return (
+            (tuple(adapter_contract), tuple(other_contract)),
+            (tuple(adapter_batch), tuple(other_batch)),
+        )
+    return (
+        (tuple(other_contract), tuple(adapter_contract)),
+        (tuple(other_batch), tuple(adapter_batch)),
+    )
+
+
+def free_dims(ndim: int, contract, batch) -> list[int]:
+    return [d for d in range(ndim) if d not in contract and d not in batch]
+
+
+def output_position(dims: Dims, adapter_ndim: int, other_ndim: int, d: int):
+    """Where the adapter's dimension `d` lands in the `dot_general` output, or `None`
+    if it is contracted."""
+    if d in dims.adapter_contract:
+        return None
+    if d in dims.adapter_batch:
+        return dims.adapter_batch.index(d)
+    nb = len(dims.adapter_batch)
+    a_free = free_dims(adapter_ndim, dims.adapter_contract, dims.adapter_batch)
+    if dims.adapter_lhs:
+        return nb + a_free.index(d)
+    o_free = free_dims(other_ndim, dims.other_contract, dims.other_batch)
+    return nb + len(o_free) + a_free.index(d)
+
+
+# ---------------------------------------------------------------------------------------
+# The factored product: dot_general(w + a @ b, x) = dot_general(w, x) + a·(b·x)
+# ---------------------------------------------------------------------------------------
+
+
+def _dot(lhs, rhs, dimension_numbers, precision, preferred_element_type=None, **kw):
+    return lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kw,
+    )
+
+
+def lowrank_product(a, b, other, dims: Dims, precision):
+    """`dot_general(a @ b, other)` with the dimension numbers `dims`, computed as two
+    thin products and never forming `a @ b`.
+
+    `a` has shape `(*batch, out, rank)` and `b` `(*batch, rank, in)`. The result has the
+    layout `dot_general` gives for the full matrix. `other` is cast to the factors'
+    dtype; the result is in that dtype too.
+    """
+    n = a.ndim
+    out_d, in_d = n - 2, n - 1
+    lead = range(n - 2)
+    ac, oc, ab, ob = dims.adapter_contract, dims.other_contract, dims.adapter_batch, (
+        dims.other_batch
+    )
+    if other.dtype != a.dtype:
+        other = other.astype(a.dtype)
+    simple = not any(d in ac for d in lead) and out_d not in ab and in_d not in ab
+    if simple and in_d in ac:
+        first, second, p_other = b, a, out_d  # rank sits at `out`'s place in `b`
+        r_second, new_second = in_d, out_d
+    elif simple and out_d in ac:
+        first, second, p_other = a, b, in_d  # rank sits at `in`'s place in `a`
+        r_second, new_second = out_d, in_d
+    else:
+        return _einsum_product(a, b, other, dims, precision)
+
+    # Step one: `first` stands in for the matrix; its rank dimension must stay free.
+    c_x = None
+    ac1, oc1 = list(ac), list(oc)
+    if p_other in ac1:
+        c_x = oc1.pop(ac1.index(p_other))
+        ac1.remove(p_other)
+    dn1 = join_dims(ac1, oc1, ab, ob, dims.adapter_lhs)
+    if dims.adapter_lhs:
+        t = _dot(first, other, dn1, precision)
+    else:
+        t = _dot(other, first, dn1, precision)
+    nb = len(ab)
+    a_free = free_dims(n, ac1, ab)
+    o_free = free_dims(other.ndim, oc1, ob)
+    if dims.adapter_lhs:
+        a_pos = {d: nb + i for i, d in enumerate(a_free)}
+        o_pos = {d: nb + len(a_free) + i for i, d in enumerate(o_free)}
+    else:
+        o_pos = {d: nb + i for i, d in enumerate(o_free)}
+        a_pos = {d: nb + len(o_free) + i for i, d in enumerate(a_free)}
+
+    # Step two: contract `second`'s rank with `t`'s; every leading dimension of the
+    # factors is a batch dimension of this product.
+    lead_free = [d for d in lead if d not in ab]
+    s_batch = list(ab) + lead_free
+    t_batch = list(range(nb)) + [a_pos[d] for d in lead_free]
+    s_contract = [r_second]
+    t_contract = [a_pos[p_other]]
+    if c_x is not None:
+        s_contract.append(new_second)
+        t_contract.append(o_pos[c_x])
+    if dims.adapter_lhs:
+        return _dot(second, t, ((s_contract, t_contract), (s_batch, t_batch)), precision)
+    out = _dot(t, second, ((t_contract, s_contract), (t_batch, s_batch)), precision)
+    if lead_free:
+        # Rare: a stacked matrix on the right whose stacking dimensions are not
+        # batched. `dot_general` puts those after the other operand's dimensions.
+        k = len(lead_free)
+        n_o = out.ndim - nb - k - (0 if c_x is not None else 1)
+        out = jnp.moveaxis(out, tuple(range(nb, nb + k)), tuple(range(nb + n_o, nb + n_o + k)))
+    return out
+
+
+def _einsum_product(a, b, other, dims: Dims, precision):
+    """Any other arrangement (a contracted stacking dimension, `out` or `in` as a batch
+    dimension, nothing contracted): an einsum that contracts `b` with `other` first."""
+    letters = iter(string.ascii_letters)
+    n = a.ndim
+    adapter = [next(letters) for _ in range(n)]
+    rank = next(letters)
+    other_sub = [None] * other.ndim
+    for d, e in zip(dims.adapter_contract, dims.other_contract):
+        other_sub[e] = adapter[d]
+    for d, e in zip(dims.adapter_batch, dims.other_batch):
+        other_sub[e] = adapter[d]
+    other_sub = [s if s is not None else next(letters) for s in other_sub]
+    batch = [adapter[d] for d in dims.adapter_batch]
+    a_free = [adapter[d] for d in free_dims(n, dims.adapter_contract, dims.adapter_batch)]
+    o_free = [
+        other_sub[e] for e in free_dims(other.ndim, dims.other_contract, dims.other_batch)
+    ]
+    out = batch + (a_free + o_free if dims.adapter_lhs else o_free + a_free)
+    a_sub = adapter[:-1] + [rank]
+    b_sub = adapter[:-2] + [rank, adapter[-1]]
+    spec = f"{''.join(a_sub)},{''.join(b_sub)},{''.join(other_sub)}->{''.join(out)}"
+    return jnp.einsum(spec, a, b, other, optimize=[(1, 2), (0, 1)], precision=precision)
+
+
+# ---------------------------------------------------------------------------------------
+# Rules shared by every adapter
+# ---------------------------------------------------------------------------------------
+
+
+@quax.register(lax.dot_general_p)
+def _(lhs: AbstractAdapter, rhs: ArrayLike | quax.ArrayValue, *, dimension_numbers, **params):
+    return lhs.dot_general(rhs, split_dims(dimension_numbers, True), params)
+
+
+@quax.register(lax.dot_general_p)
+def _(lhs: ArrayLike | quax.ArrayValue, rhs: AbstractAdapter, *, dimension_numbers, **params):
+    return rhs.dot_general(lhs, split_dims(dimension_numbers, False), params)
+
+
+@quax.register(lax.dot_general_p)
+def _(lhs: AbstractAdapter, rhs: AbstractAdapter, *, dimension_numbers, **params):
+    # The right-hand adapter is met again, as an ordinary operand, inside the left's
+    # rule: every product stays factored.
+    return lhs.dot_general(rhs, split_dims(dimension_numbers, True), params)
+
+
+@quax.register(lax.transpose_p)
+def _(operand: AbstractAdapter, *, permutation):
+    permutation = tuple(int(p) for p in permutation)
+    n = len(permutation)
+    lead = permutation[:-2]
+    if sorted(lead) == list(range(n - 2)):
+        if permutation[-2:] == (n - 2, n - 1):
+            return operand.transpose(permutation, swap=False)
+        if permutation[-2:] == (n - 1, n - 2):
+            return operand.transpose(permutation, swap=True)
+    return _fallback(operand, lambda x: lax.transpose(x, permutation))
+
+
+@quax.register(lax.convert_element_type_p)
+def _(operand: AbstractAdapter, *, new_dtype, **params):
+    del params
+    return operand.astype_base(new_dtype)
+
+
+def _fallback(value: AbstractAdapter, fn):
+    """No factored rule applies: materialise (which refuses unless
+    `allow_materialise=True`) and apply `fn` to the dense array."""
+    return quax.quaxify(fn)(value.materialise())
+
+
+# ---------------------------------------------------------------------------------------
+# jax.checkpoint: re-trace the body under quax, keep the remat boundary.
+# ---------------------------------------------------------------------------------------
+
+
+@quax.register(remat_p)
+def _(*args: ArrayLike | quax.ArrayValue, jaxpr, prevent_cse, differentiated, policy):
+    del differentiated
+    flat, treedef = jtu.tree_flatten(args)
+    fn = jexc.jaxpr_as_fun(jexc.ClosedJaxpr(jaxpr, ()))
+    out_tree: list[Any] = []
+
+    def body(*leaves):
+        out = quax.quaxify(fn)(*jtu.tree_unflatten(treedef, leaves))
+        out_flat, tree = jtu.tree_flatten(out)
+        out_tree.append(tree)
+        return out_flat
+
+    out_flat = jax.checkpoint(body, prevent_cse=prevent_cse, policy=policy)(*flat)
+    return jtu.tree_unflatten(out_tree[-1], out_flat)
