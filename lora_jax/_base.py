@@ -46,6 +46,13 @@ class AbstractAdapter(quax.ArrayValue):
         return self._w
 
     def aval(self):
+        if self._w is None:
+            raise ValueError(
+                f"This `{type(self).__name__}` has no base weight: it is the trainable "
+                "half of `lora_jax.partition` (or the adapters of `unloraify`). "
+                "Recombine it with `eqx.combine(params, frozen)` inside the quaxified "
+                "function: `jax.grad(quax.quaxify(loss))`, not `quax.quaxify(jax.grad(loss))`."
+            )
         return jax.core.ShapedArray(self._w.shape, self._w.dtype)
 
     @abc.abstractmethod
@@ -97,6 +104,14 @@ def is_adapter(x) -> bool:
     return isinstance(x, AbstractAdapter)
 
 
-def as_scaling(value) -> Array:
-    """Scalings are float32 array leaves, so changing one never recompiles."""
-    return jnp.asarray(value, dtype=jnp.float32)
+def as_scaling(value, batch_shape: tuple[int, ...] = ()) -> Array:
+    """Scalings are float32 array leaves, so changing one never recompiles. A stacked
+    weight `(*batch, out, in)` gets one scaling per matrix, shape `batch`, so that
+    every leaf of the adapter has the stacking dimensions (`lax.scan` slices them)."""
+    return jnp.full(batch_shape, value, dtype=jnp.float32)
+
+
+def expand_scaling(scaling, like) -> Array:
+    """`scaling` of shape `batch` cast and broadcastable against `like`
+    `(*batch, m, n)`."""
+    return scaling.astype(like.dtype)[..., None, None]

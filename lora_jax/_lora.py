@@ -10,7 +10,7 @@ import jax.random as jr
 import quax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
-from ._base import AbstractAdapter, as_scaling
+from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._rules import Dims, join_dims, lowrank_product
 from ._validate import check_dtype, check_key, check_rank, check_scalar, check_weight
 
@@ -40,7 +40,7 @@ class LoraArray(AbstractAdapter):
     _w: Shaped[Array, "*batch out in"]
     a: Float[Array, "*batch out rank"]
     b: Float[Array, "*batch rank in"]
-    scaling: Float[Array, ""]
+    scaling: Float[Array, "*batch"]
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
 
@@ -120,7 +120,7 @@ class LoraArray(AbstractAdapter):
         self._w = weight
         self.a = a
         self.b = b
-        self.scaling = as_scaling(lora_scaling(rank, alpha, rslora))
+        self.scaling = as_scaling(lora_scaling(rank, alpha, rslora), tuple(batch))
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
 
@@ -144,7 +144,7 @@ class LoraArray(AbstractAdapter):
 def _delta(a, b, scaling):
     batch = tuple(range(a.ndim - 2))
     ab = lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)))
-    return ab * scaling.astype(ab.dtype)
+    return ab * expand_scaling(scaling, ab)
 
 
 @quax.quaxify
@@ -152,6 +152,6 @@ def _lora_dot(w, a, b, scaling, other, dims: Dims, params):
     out = lax.dot_general(w, other, join_dims(*dims), **params) if dims.adapter_lhs else (
         lax.dot_general(other, w, join_dims(*dims), **params)
     )
-    a = a * scaling.astype(a.dtype)
+    a = a * expand_scaling(scaling, a)
     delta = lowrank_product(a, b, other, dims, params.get("precision"))
     return out + delta.astype(out.dtype)

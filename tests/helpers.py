@@ -2,6 +2,7 @@
 
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
@@ -26,7 +27,8 @@ def tree_allclose(x, y, *, rtol=1e-5, atol=1e-6):
 
 def dense_lora(w, a, b, scaling):
     """The LoRA weight written plainly: w + s·a@b (batched over leading dims)."""
-    return w + scaling * jnp.einsum("...or,...ri->...oi", a, b)
+    s = jnp.asarray(scaling)[..., None, None]
+    return w + s * jnp.einsum("...or,...ri->...oi", a, b)
 
 
 def randomise_factors(adapter, key):
@@ -68,7 +70,7 @@ def jaxpr_primitives(jaxpr) -> list[str]:
     def visit(j):
         for eqn in j.eqns:
             names.append(eqn.primitive.name)
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 visit(sub)
 
     visit(jaxpr)

@@ -1,0 +1,300 @@
+"""LoRA models under every transformation users compose with quaxify: jit, grad, vmap
+(either side of quaxify), scan over stacked layers, cond, while_loop, checkpoint and
+custom_jvp; no recompile when a scaling changes."""
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+import quax
+
+import lora_jax as lora
+
+from .helpers import jaxpr_primitives, randomise_model, tree_allclose
+
+
+def _mlp(key):
+    return eqx.nn.MLP(6, 3, width_size=8, depth=2, activation=jax.nn.relu, key=key)
+
+
+def _setup(getkey):
+    mlp = _mlp(getkey())
+    adapted = randomise_model(lora.loraify(mlp, rank=2, alpha=4.0, key=getkey()), getkey())
+    dense = lora.materialise(adapted)
+    x = jr.normal(getkey(), (5, 6))
+    return adapted, dense, x
+
+
+def _loss(model, x):
+    return jnp.mean(jax.vmap(model)(x) ** 2)
+
+
+# quaxify around the loss of the recombined model; any order of jit/grad/vmap outside
+# (and jit inside) gives the factors' gradients.
+ORDERS = {
+    "jit(grad(quaxify))": (lambda g: jax.jit(jax.grad(g)), lambda f: quax.quaxify(f)),
+    "grad(jit(quaxify))": (lambda g: jax.grad(jax.jit(g)), lambda f: quax.quaxify(f)),
+    "grad(quaxify(jit))": (lambda g: jax.grad(g), lambda f: quax.quaxify(eqx.filter_jit(f))),
+    "jit(grad(quaxify(jit)))": (
+        lambda g: jax.jit(jax.grad(g)),
+        lambda f: quax.quaxify(eqx.filter_jit(f)),
+    ),
+    "filter_jit(filter_grad(quaxify))": (
+        lambda g: eqx.filter_jit(eqx.filter_grad(g)),
+        lambda f: quax.quaxify(f),
+    ),
+    "vmap(grad(quaxify))": (
+        lambda g: lambda p, x: jax.tree.map(
+            lambda t: t[0], jax.vmap(jax.grad(g), in_axes=(None, 0))(p, x[None])
+        ),
+        lambda f: quax.quaxify(f),
+    ),
+}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_decorator_orders(order, getkey):
+    adapted, dense, x = _setup(getkey)
+    params, frozen = lora.partition(adapted)
+    outer, inner = ORDERS[order]
+
+    def loss(params, x):
+        return inner(_loss)(eqx.combine(params, frozen), x)
+
+    grads = outer(loss)(params, x)
+    # Reference: the gradient of the dense model with respect to its merged weights,
+    # pulled back through the factors: d/da = s·G bᵀ, d/db = s·aᵀ G.
+    dense_grads = eqx.filter_grad(_loss)(dense, x)
+    for layer, g_layer, d_layer in zip(adapted.layers, grads.layers, dense_grads.layers):
+        w = layer.weight
+        s = w.scaling
+        G = d_layer.weight
+        np.testing.assert_allclose(g_layer.weight.a, s * G @ w.b.T, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(g_layer.weight.b, s * w.a.T @ G, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "order",
+    {
+        "jit(quaxify(grad))": lambda f: jax.jit(quax.quaxify(jax.grad(f))),
+        "quaxify(jit(grad))": lambda f: quax.quaxify(jax.jit(jax.grad(f))),
+    }.items(),
+    ids=lambda o: o[0],
+)
+def test_quaxify_outside_grad_gives_weight_gradient(order, getkey):
+    """quax's semantics: with quaxify outside grad, the whole adapted weight is the
+    variable, and its gradient is the dense weight gradient."""
+    adapted, dense, x = _setup(getkey)
+    arrays, static = eqx.partition(
+        adapted, lambda v: eqx.is_array(v) or lora.is_adapter(v), is_leaf=lora.is_adapter
+    )
+
+    def loss(arrays, x):
+        return _loss(eqx.combine(arrays, static), x)
+
+    grads = order[1](loss)(arrays, x)
+    dense_grads = eqx.filter_grad(_loss)(dense, x)
+    for g, d in zip(grads.layers, dense_grads.layers):
+        np.testing.assert_allclose(g.weight, d.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_partition_half_under_outer_quaxify_is_a_clear_error(getkey):
+    adapted, _, x = _setup(getkey)
+    params, frozen = lora.partition(adapted)
+    with pytest.raises(ValueError, match="inside the quaxified"):
+        quax.quaxify(jax.grad(lambda p, x: _loss(eqx.combine(p, frozen), x)))(params, x)
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_vmap_either_side(inside, getkey):
+    adapted, dense, x = _setup(getkey)
+    if inside:
+        out = quax.quaxify(lambda m, x: jax.vmap(m)(x))(adapted, x)
+    else:
+        out = jax.vmap(quax.quaxify(adapted))(x)
+    np.testing.assert_allclose(out, jax.vmap(dense)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_over_models(getkey):
+    """vmap over a batch of adapters (stacked LoRA values) outside quaxify."""
+    keys = jr.split(getkey(), 3)
+    mlp = _mlp(getkey())
+    adapted = eqx.filter_vmap(
+        lambda k: randomise_model(lora.loraify(mlp, rank=2, key=k), k)
+    )(keys)
+    x = jr.normal(getkey(), (6,))
+    out = eqx.filter_vmap(lambda m: quax.quaxify(m)(x))(adapted)
+    for i in range(3):
+        one = jax.tree.map(lambda t: t[i] if eqx.is_array(t) else t, adapted)
+        np.testing.assert_allclose(out[i], lora.materialise(one)(x), rtol=1e-5, atol=1e-5)
+
+
+class Block(eqx.Module):
+    linear: eqx.nn.Linear
+
+    def __call__(self, x):
+        return x + jnp.tanh(self.linear(x))
+
+
+def _stack(key, n=4, width=6):
+    return eqx.filter_vmap(lambda k: Block(eqx.nn.Linear(width, width, key=k)))(
+        jr.split(key, n)
+    )
+
+
+def _scan(blocks, x):
+    params, static = eqx.partition(blocks, eqx.is_array)
+
+    def step(x, p):
+        return eqx.combine(p, static)(x), None
+
+    return lax.scan(step, x, params)[0]
+
+
+def test_scan_over_stacked_layers(getkey):
+    blocks = _stack(getkey())
+    adapted = randomise_model(lora.loraify(blocks, rank=2, key=getkey()), getkey())
+    assert adapted.linear.weight.a.shape == (4, 6, 2)
+    x = jr.normal(getkey(), (6,))
+    out = jax.jit(quax.quaxify(_scan))(adapted, x)
+    np.testing.assert_allclose(out, _scan(lora.materialise(adapted), x), rtol=1e-5, atol=1e-5)
+    params, frozen = lora.partition(adapted)
+    loss = lambda p, x: jnp.sum(quax.quaxify(_scan)(eqx.combine(p, frozen), x))
+    g = jax.jit(jax.grad(loss))(params, x)
+    dense_loss = lambda w, x: jnp.sum(
+        _scan(eqx.tree_at(lambda m: m.linear.weight, blocks, w), x)
+    )
+    G = jax.grad(dense_loss)(lora.materialise(adapted).linear.weight, x)
+    w = adapted.linear.weight
+    s = w.scaling[:, None, None]
+    np.testing.assert_allclose(g.linear.weight.a, s * G @ jnp.swapaxes(w.b, 1, 2), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(g.linear.weight.b, s * jnp.swapaxes(w.a, 1, 2) @ G, rtol=1e-3, atol=1e-5)
+
+
+def test_cond_and_while(getkey):
+    adapted, dense, x = _setup(getkey)
+
+    def f(m, x, flag):
+        y = lax.cond(flag, lambda: jax.vmap(m)(x), lambda: -jax.vmap(m)(x))
+
+        def body(c):
+            i, y = c
+            return i + 1, y + jax.vmap(m.layers[-1])(jnp.ones((5, 8)))
+
+        return lax.while_loop(lambda c: c[0] < 2, body, (0, y))[1]
+
+    for flag in (True, False):
+        got = eqx.filter_jit(quax.quaxify(f))(adapted, x, flag)
+        np.testing.assert_allclose(got, f(dense, x, flag), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_does_not_materialise(getkey):
+    adapted, dense, x = _setup(getkey)
+
+    def f(m, x):
+        return jnp.sum(eqx.filter_checkpoint(lambda m, x: jax.vmap(m)(x))(m, x) ** 2)
+
+    # allow_materialise=False: a materialise under remat would raise.
+    params, frozen = lora.partition(adapted)
+    loss = lambda p, x: quax.quaxify(f)(eqx.combine(p, frozen), x)
+    got = jax.jit(jax.grad(loss))(params, x)
+    ref = eqx.filter_grad(f)(dense, x)
+    w = adapted.layers[0].weight
+    np.testing.assert_allclose(
+        got.layers[0].weight.b, w.scaling * w.a.T @ ref.layers[0].weight, rtol=1e-4, atol=1e-6
+    )
+    prims = jaxpr_primitives(jax.make_jaxpr(jax.grad(loss))(params, x).jaxpr)
+    assert "remat2" in prims or "checkpoint" in prims
+
+
+def test_custom_jvp_inside(getkey):
+    adapted, dense, x = _setup(getkey)
+
+    @jax.custom_jvp
+    def act(x):
+        return jnp.tanh(x)
+
+    @act.defjvp
+    def _(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return jnp.tanh(x), t * (1 - jnp.tanh(x) ** 2)
+
+    def f(m, x):
+        return jnp.sum(act(jax.vmap(m)(x)))
+
+    np.testing.assert_allclose(quax.quaxify(f)(adapted, x), f(dense, x), rtol=1e-5)
+    g = eqx.filter_grad(quax.quaxify(f))(adapted, x)
+    assert np.isfinite(np.asarray(g.layers[0].weight.b)).all()
+
+
+def test_changing_scaling_does_not_recompile(getkey):
+    adapted, _, x = _setup(getkey)
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def f(m, x):
+        return quax.quaxify(lambda m, x: jax.vmap(m)(x))(m, x)
+
+    f(adapted, x)
+    rescaled = eqx.tree_at(
+        lambda m: m.layers[0].weight.scaling, adapted, jnp.asarray(7.0, jnp.float32)
+    )
+    out = f(rescaled, x)
+    assert not np.allclose(out, f(adapted, x))
+
+
+def _transposed_shapes(jaxpr):
+    shapes = []
+
+    def visit(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == "transpose":
+                shapes.append(tuple(eqn.invars[0].aval.shape))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr)
+    return sorted(shapes)
+
+
+def test_no_transposes_beyond_the_plain_model(getkey):
+    """The jaxpr of a LoRA forward has exactly the plain model's transposes; a LoRA
+    training gradient adds none of a full-size tensor (JAX's own dot_general transpose
+    rule lays out the rank-sized cotangent of `b·x`, batch × rank, which is all)."""
+    adapted, dense, x = _setup(getkey)
+    rank = adapted.layers[0].weight.rank
+    d_arrays, d_static = eqx.partition(dense, eqx.is_array)
+    params, frozen = lora.partition(adapted)
+
+    def run(m, x):
+        return jnp.sum(jnp.sin(jax.vmap(m)(x)))
+
+    def shapes(fn, *args):
+        return _transposed_shapes(jax.make_jaxpr(fn)(*args).jaxpr)
+
+    plain_fwd = shapes(lambda d, x: run(eqx.combine(d, d_static), x), d_arrays, x)
+    ours_fwd = shapes(lambda p, x: quax.quaxify(run)(eqx.combine(p, frozen), x), params, x)
+    assert ours_fwd == plain_fwd
+    floor = shapes(jax.grad(lambda x, d: run(eqx.combine(d, d_static), x)), x, d_arrays)
+    ours = shapes(
+        jax.grad(lambda p, x: quax.quaxify(run)(eqx.combine(p, frozen), x)), params, x
+    )
+    assert [s for s in ours if rank not in s] == floor
+
+
+def test_materialise_round_trip(getkey):
+    adapted, dense, x = _setup(getkey)
+    assert type(dense) is type(adapted)
+    assert all(not lora.is_adapter(leaf) for leaf in jax.tree.leaves(dense, is_leaf=lora.is_adapter))
+    np.testing.assert_allclose(
+        quax.quaxify(lambda m, x: jax.vmap(m)(x))(adapted, x), jax.vmap(dense)(x), rtol=1e-5, atol=1e-5
+    )
+    plain = _mlp(getkey())
+    assert tree_allclose(lora.materialise(plain), plain)
+    base, adapters = lora.unloraify(adapted)
+    assert base.layers[0].weight is adapted.layers[0].weight._w
+    assert adapters.layers[0].weight._w is None
+    assert adapters.layers[0].bias is None
