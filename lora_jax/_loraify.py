@@ -244,9 +244,10 @@ def loraify(
         **method_options,
     )
     build = METHODS[method]
-    keys = jr.split(key, max(len(fresh), 1))
     replacements = {}
-    for (name, layer), k in zip(fresh, keys):
+    for name, layer in fresh:
+        # Split as quax's loraify does, so the same key gives the same factors.
+        key, k = jr.split(key)
         r = lookup_pattern(name, rank_pattern, rank)
         a = lookup_pattern(name, alpha_pattern, alpha)
         adapter = build(_weight(layer), rank=r, alpha=a, key=k, layer=layer, options=options)
