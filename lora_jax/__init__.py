@@ -12,6 +12,13 @@ from ._loraify import (
     materialise as materialise,
     unloraify as unloraify,
 )
+from ._sharding import (
+    fsdp as fsdp,
+    partition_specs as partition_specs,
+    shard_model as shard_model,
+    tensor_parallel as tensor_parallel,
+    trainable_partition_specs as trainable_partition_specs,
+)
 from ._summary import (
     print_trainable_parameters as print_trainable_parameters,
     Summary as Summary,

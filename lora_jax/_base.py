@@ -87,6 +87,13 @@ class AbstractAdapter(quax.ArrayValue):
         (`swap`: whether it exchanges them)."""
         return quax.quaxify(lax.transpose)(self.materialise(), permutation)
 
+    def factor_specs(self, spec: tuple) -> dict[str, tuple]:
+        """How the trainable factors are laid out on a device mesh when the base weight
+        has the layout `spec` (one `PartitionSpec` entry per dimension of `w`):
+        `{field: entries}`. Fields left out are replicated; that is the default."""
+        del spec
+        return {}
+
     def astype_base(self, dtype):
         """`convert_element_type` of the whole value: the base weight is cast; the
         factors keep the adapter dtype they were given."""

@@ -11,7 +11,7 @@ import quax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling, expand_scaling
-from ._rules import Dims, join_dims, lowrank_product
+from ._rules import Dims, join_dims, lowrank_product, product_sharding
 from ._validate import check_dtype, check_key, check_rank, check_scalar, check_weight
 
 
@@ -134,6 +134,11 @@ class LoraArray(AbstractAdapter):
     def dot_general(self, other, dims: Dims, params):
         return _lora_dot(self.w, self.a, self.b, lax.stop_gradient(self.scaling), other, dims, params)
 
+    def factor_specs(self, spec):
+        # `a` shares `w`'s `out` axis, `b` its `in` axis; the rank is replicated.
+        *lead, out, inp = spec
+        return {"a": (*lead, out, None), "b": (*lead, None, inp)}
+
     def transpose(self, permutation, *, swap):
         t = lambda x: lax.transpose(x, permutation)
         a, b = (t(self.b), t(self.a)) if swap else (t(self.a), t(self.b))
@@ -153,5 +158,7 @@ def _lora_dot(w, a, b, scaling, other, dims: Dims, params):
         lax.dot_general(other, w, join_dims(*dims), **params)
     )
     a = a * expand_scaling(scaling, a)
-    delta = lowrank_product(a, b, other, dims, params.get("precision"))
+    # The caller's `out_sharding` is the result's; the thin products derive theirs.
+    sharding = product_sharding(params.get("out_sharding"), out)
+    delta = lowrank_product(a, b, other, dims, params.get("precision"), sharding)
     return out + delta.astype(out.dtype)

@@ -12,6 +12,7 @@ from jaxtyping import PRNGKeyArray, PyTree
 
 from ._base import is_adapter
 from ._lora import LoraArray
+from ._sharding import follow_weight
 from ._targets import (
     Where,
     describe_where,
@@ -173,7 +174,9 @@ def loraify(
     **Returns:**
 
     A copy of `model` with the targeted weights replaced by adapters. The input is not
-    modified, and a weight that is already an adapter is never wrapped again.
+    modified, and a weight that is already an adapter is never wrapped again. A weight
+    sharded over a device mesh gets factors sharded to match (`a` along its `out`
+    axis, `b` along its `in` axis, the rank replicated).
 
     Call the result through `quax.quaxify`, which dispatches every operation on the
     adapters to their rules.
@@ -251,6 +254,8 @@ def loraify(
         r = lookup_pattern(name, rank_pattern, rank)
         a = lookup_pattern(name, alpha_pattern, alpha)
         adapter = build(_weight(layer), rank=r, alpha=a, key=k, layer=layer, options=options)
+        # On a mesh, the factors are laid out as the weight is.
+        adapter = follow_weight(adapter)
         field = LAYERS[type(layer)].field
         replacements[name] = eqx.tree_at(lambda l: getattr(l, field), layer, adapter)
 

@@ -95,13 +95,18 @@ def _dot(lhs, rhs, dimension_numbers, precision, preferred_element_type=None, **
     )
 
 
-def lowrank_product(a, b, other, dims: Dims, precision):
+def lowrank_product(a, b, other, dims: Dims, precision, out_sharding=None):
     """`dot_general(a @ b, other)` with the dimension numbers `dims`, computed as two
     thin products and never forming `a @ b`.
 
     `a` has shape `(*batch, out, rank)` and `b` `(*batch, rank, in)`. The result has the
     layout `dot_general` gives for the full matrix. `other` is cast to the factors'
     dtype; the result is in that dtype too.
+
+    `out_sharding` (a `NamedSharding` or `None`) is the sharding of the result. The
+    thin intermediate gets the same layout with the rank dimension replicated, so that
+    a product whose contracting dimensions are sharded (which an explicit mesh refuses
+    to resolve alone) is still well defined.
     """
     n = a.ndim
     out_d, in_d = n - 2, n - 1
@@ -119,7 +124,7 @@ def lowrank_product(a, b, other, dims: Dims, precision):
         first, second, p_other = a, b, in_d  # rank sits at `in`'s place in `a`
         r_second, new_second = out_d, in_d
     else:
-        return _einsum_product(a, b, other, dims, precision)
+        return _einsum_product(a, b, other, dims, precision, out_sharding)
 
     # Step one: `first` stands in for the matrix; its rank dimension must stay free.
     c_x = None
@@ -128,10 +133,6 @@ def lowrank_product(a, b, other, dims: Dims, precision):
         c_x = oc1.pop(ac1.index(p_other))
         ac1.remove(p_other)
     dn1 = join_dims(ac1, oc1, ab, ob, dims.adapter_lhs)
-    if dims.adapter_lhs:
-        t = _dot(first, other, dn1, precision)
-    else:
-        t = _dot(other, first, dn1, precision)
     nb = len(ab)
     a_free = free_dims(n, ac1, ab)
     o_free = free_dims(other.ndim, oc1, ob)
@@ -141,6 +142,26 @@ def lowrank_product(a, b, other, dims: Dims, precision):
     else:
         o_pos = {d: nb + i for i, d in enumerate(o_free)}
         a_pos = {d: nb + len(o_free) + i for i, d in enumerate(a_free)}
+    t_sharding = None
+    if out_sharding is not None:
+        # `t` is laid out as the result, except that the rank stands where `p_other`
+        # would be (replicated), and, if `p_other` was contracted, `other`'s dimension
+        # `c_x` is free (replicated too: it is contracted in step two).
+        spec = _spec(out_sharding, _out_ndim(n, other.ndim, dims))
+        t_spec = [None] * (nb + len(a_free) + len(o_free))
+        for i in range(nb):
+            t_spec[i] = spec[i]
+        for d, i in a_pos.items():
+            if d != p_other:
+                t_spec[i] = spec[output_position(dims, n, other.ndim, d)]
+        for e, i in o_pos.items():
+            if e != c_x:
+                t_spec[i] = spec[_other_position(dims, n, other.ndim, e)]
+        t_sharding = _with_spec(out_sharding, t_spec)
+    if dims.adapter_lhs:
+        t = _dot(first, other, dn1, precision, out_sharding=t_sharding)
+    else:
+        t = _dot(other, first, dn1, precision, out_sharding=t_sharding)
 
     # Step two: contract `second`'s rank with `t`'s; every leading dimension of the
     # factors is a batch dimension of this product.
@@ -153,18 +174,80 @@ def lowrank_product(a, b, other, dims: Dims, precision):
         s_contract.append(new_second)
         t_contract.append(o_pos[c_x])
     if dims.adapter_lhs:
-        return _dot(second, t, ((s_contract, t_contract), (s_batch, t_batch)), precision)
-    out = _dot(t, second, ((t_contract, s_contract), (t_batch, s_batch)), precision)
-    if lead_free:
-        # Rare: a stacked matrix on the right whose stacking dimensions are not
-        # batched. `dot_general` puts those after the other operand's dimensions.
-        k = len(lead_free)
-        n_o = out.ndim - nb - k - (0 if c_x is not None else 1)
-        out = jnp.moveaxis(out, tuple(range(nb, nb + k)), tuple(range(nb + n_o, nb + n_o + k)))
+        return _dot(
+            second,
+            t,
+            ((s_contract, t_contract), (s_batch, t_batch)),
+            precision,
+            out_sharding=out_sharding,
+        )
+    k = len(lead_free)
+    out_ndim = _out_ndim(n, other.ndim, dims)
+    n_o = out_ndim - nb - k - (0 if c_x is not None else 1)
+    # Rare: a stacked matrix on the right whose stacking dimensions are not batched.
+    # `dot_general` puts those after the other operand's dimensions; so does the
+    # result, so the product below is laid out with them first and moved after.
+    src, dst = tuple(range(nb, nb + k)), tuple(range(nb + n_o, nb + n_o + k))
+    dot_sharding = out_sharding
+    if out_sharding is not None and k:
+        spec = _spec(out_sharding, out_ndim)
+        order = list(range(nb)) + list(dst) + list(range(nb, nb + n_o))
+        order += list(range(nb + n_o + k, out_ndim))
+        dot_sharding = _with_spec(out_sharding, [spec[i] for i in order])
+    out = _dot(
+        t,
+        second,
+        ((t_contract, s_contract), (t_batch, s_batch)),
+        precision,
+        out_sharding=dot_sharding,
+    )
+    if k:
+        out = jnp.moveaxis(out, src, dst)
     return out
 
 
-def _einsum_product(a, b, other, dims: Dims, precision):
+def _out_ndim(adapter_ndim: int, other_ndim: int, dims: Dims) -> int:
+    return adapter_ndim + other_ndim - 2 * len(dims.adapter_contract) - len(
+        dims.adapter_batch
+    )
+
+
+def _other_position(dims: Dims, adapter_ndim: int, other_ndim: int, e: int) -> int:
+    """Where `other`'s free dimension `e` lands in the `dot_general` output."""
+    nb = len(dims.adapter_batch)
+    o_free = free_dims(other_ndim, dims.other_contract, dims.other_batch)
+    if dims.adapter_lhs:
+        n_a = len(free_dims(adapter_ndim, dims.adapter_contract, dims.adapter_batch))
+        return nb + n_a + o_free.index(e)
+    return nb + o_free.index(e)
+
+
+def _spec(sharding, ndim: int) -> list:
+    """A `NamedSharding`'s partitions, one entry per dimension."""
+    parts = list(sharding.spec)
+    return parts + [None] * (ndim - len(parts))
+
+
+def _with_spec(sharding, parts):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*parts))
+
+
+def product_sharding(out_sharding, out):
+    """The sharding the low-rank term of a product must have: the caller's
+    `out_sharding` if given; else, under a mesh with explicit axes, the sharding the
+    main product `out` came out with (so that the two add); else `None`, leaving the
+    choice to the partitioner."""
+    if out_sharding is not None:
+        return out_sharding
+    if not isinstance(out, jax.Array):
+        return None  # a nested quax value: its own rules decide
+    sharding = getattr(jax.typeof(out), "sharding", None)
+    if sharding is None or sharding.mesh.empty or not sharding.mesh.explicit_axes:
+        return None
+    return sharding
+
+
+def _einsum_product(a, b, other, dims: Dims, precision, out_sharding=None):
     """Any other arrangement (a contracted stacking dimension, `out` or `in` as a batch
     dimension, nothing contracted): an einsum that contracts `b` with `other` first."""
     letters = iter(string.ascii_letters)
@@ -186,7 +269,15 @@ def _einsum_product(a, b, other, dims: Dims, precision):
     a_sub = adapter[:-1] + [rank]
     b_sub = adapter[:-2] + [rank, adapter[-1]]
     spec = f"{''.join(a_sub)},{''.join(b_sub)},{''.join(other_sub)}->{''.join(out)}"
-    return jnp.einsum(spec, a, b, other, optimize=[(1, 2), (0, 1)], precision=precision)
+    return jnp.einsum(
+        spec,
+        a,
+        b,
+        other,
+        optimize=[(1, 2), (0, 1)],
+        precision=precision,
+        out_sharding=out_sharding,
+    )
 
 
 # ---------------------------------------------------------------------------------------
