@@ -13,6 +13,7 @@ from ._loraify import (
     materialise as materialise,
     unloraify as unloraify,
 )
+from ._peft import load_peft as load_peft, save_peft as save_peft
 from ._summary import (
     print_trainable_parameters as print_trainable_parameters,
     Summary as Summary,
