@@ -256,6 +256,61 @@ def _pattern_key(name: str, others: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def peft_contents(
+    method: PeftMethod,
+    layers: dict[str, tuple[dict[str, np.ndarray], float]],
+    extra: dict[str, np.ndarray],
+    *,
+    all_modules: Sequence[str],
+    rslora: bool,
+    train_bias: str,
+    modules_to_save: list[str] | None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """PEFT's tensors and config from `{torch module: (fields, scaling)}` and the extra
+    (bias, modules_to_save) tensors by torch name."""
+    tensors: dict[str, np.ndarray] = {}
+    entries = {}  # torch module name -> (rank, alpha)
+    field_to_suffix = {f: s for s, f in method.tensors}
+    for module, (fields, scaling) in layers.items():
+        for f, arr in fields.items():
+            tensors[f"{PREFIX}{module}.{field_to_suffix[f]}"] = arr
+        rank = int(fields["a"].shape[-1])
+        entries[module] = (rank, snap_alpha(scaling, rank, rslora))
+    for key, arr in extra.items():
+        tensors[PREFIX + key] = arr
+    r = _most_common([rank for rank, _ in entries.values()])
+    alpha = _most_common([a for _, a in entries.values()])
+    targets = list(entries)
+    rank_pattern = {_pattern_key(n, all_modules): rk for n, (rk, _) in entries.items() if rk != r}
+    alpha_pattern = {_pattern_key(n, all_modules): a for n, (_, a) in entries.items() if a != alpha}
+    if any(o not in targets and any(name_matches(o, t) for t in targets) for o in all_modules):
+        # A listed name would also pick up another module as a suffix: use a regex.
+        target_modules: Any = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
+    else:
+        target_modules = targets
+    config = dict(method.defaults)
+    config.update(method.flags)
+    config.update(
+        {
+            "peft_type": method.peft_type,
+            method.rank_key: r,
+            method.alpha_key: alpha,
+            "target_modules": target_modules,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "use_rslora": rslora,
+            "bias": train_bias,
+            "modules_to_save": modules_to_save,
+            "base_model_name_or_path": base_model_name_or_path,
+            "task_type": task_type,
+            "inference_mode": True,
+        }
+    )
+    return tensors, config
+
+
 def save_peft(
     directory: str | os.PathLike,
     model: PyTree,
@@ -301,8 +356,7 @@ def save_peft(
     all_modules = [mapped(n) for n in _module_names(model)]
 
     method = None
-    tensors: dict[str, np.ndarray] = {}
-    entries = {}  # torch module name -> (rank, alpha)
+    layers_out: dict[str, tuple[dict[str, np.ndarray], float]] = {}
     for path, value in adapters.items():
         module, _, fieldname = path.rpartition(".")
         layer = layers.get(module)
@@ -323,54 +377,36 @@ def save_peft(
                 f"The adapter at {path!r} is stacked (weight shape {value._w.shape}); "
                 "PEFT stores one matrix per module. Unstack the layers first."
             )
-        torch_name = mapped(module)
-        for suffix, f in m.tensors:
-            tensors[f"{PREFIX}{torch_name}.{suffix}"] = np.asarray(getattr(value, f))
-        rank = int(value.rank)
-        entries[torch_name] = (rank, snap_alpha(float(value.scaling), rank, rslora))
+        fields = {f: np.asarray(getattr(value, f)) for _, f in m.tensors}
+        layers_out[mapped(module)] = (fields, float(value.scaling))
     assert method is not None
     adapted_modules = {path.rpartition(".")[0] for path in adapters}
+    extra: dict[str, np.ndarray] = {}
     for name, leaf in biases.items():
         module = name.rpartition(".")[0]
         key = f"{mapped(module)}.base_layer.bias" if module in adapted_modules else _torch_leaf(mapped, name)
-        tensors[PREFIX + key] = np.asarray(leaf)
+        extra[key] = np.asarray(leaf)
     modules_to_save = []
     for t in trainable or ():
         hits = [n for n in _module_names(model) if name_matches(n, t)]
         modules_to_save.extend(mapped(n) for n in hits if mapped(n) not in modules_to_save)
     for name, leaf in saved.items():
-        if any(name.startswith(a + ".") or name == a for a in adapters):
-            continue
-        tensors[PREFIX + _torch_leaf(mapped, name)] = np.asarray(leaf)
-
-    r = _most_common([rank for rank, _ in entries.values()])
-    alpha = _most_common([a for _, a in entries.values()])
-    targets = list(entries)
-    rank_pattern = {_pattern_key(n, all_modules): rk for n, (rk, _) in entries.items() if rk != r}
-    alpha_pattern = {_pattern_key(n, all_modules): a for n, (_, a) in entries.items() if a != alpha}
-    if any(o not in targets and any(name_matches(o, t) for t in targets) for o in all_modules):
-        # A listed name would also pick up another module as a suffix: use a regex.
-        target_modules: Any = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
-    else:
-        target_modules = targets
-    config = dict(method.defaults)
-    config.update(method.flags)
-    config.update(
-        {
-            "peft_type": method.peft_type,
-            method.rank_key: r,
-            method.alpha_key: alpha,
-            "target_modules": target_modules,
-            "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern,
-            "use_rslora": rslora,
-            "bias": train_bias,
-            "modules_to_save": modules_to_save or None,
-            "base_model_name_or_path": base_model_name_or_path,
-            "task_type": task_type,
-            "inference_mode": True,
-        }
+        extra[_torch_leaf(mapped, name)] = np.asarray(leaf)
+    tensors, config = peft_contents(
+        method,
+        layers_out,
+        extra,
+        all_modules=all_modules,
+        rslora=rslora,
+        train_bias=train_bias,
+        modules_to_save=modules_to_save or None,
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task_type,
     )
+    write_peft_dir(directory, tensors, config)
+
+
+def write_peft_dir(directory, tensors: dict[str, np.ndarray], config: dict) -> None:
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_safetensors(os.path.join(directory, WEIGHTS_NAME), tensors, {"format": "pt"})
@@ -560,3 +596,103 @@ def _lookup(name: str, patterns: dict, default):
         if pattern_key_matches(name, key):
             return value
     return default
+
+
+# ---------------------------------------------------------------------------------------
+# Converting files without a model
+# ---------------------------------------------------------------------------------------
+
+
+def lora_jax_file_to_peft(src, dst, *, rslora: bool = False) -> None:
+    """Rewrites a [`lora_jax.save_adapter`][] file as a PEFT adapter directory. An
+    adapter saved at `<module>.weight` becomes PEFT's module `<module>`."""
+    from ._io import _json_meta, check_format
+
+    tensors, metadata = read_safetensors(src)
+    check_format(src, metadata)
+    info = _json_meta(src, metadata, "adapters")
+    extras = _json_meta(src, metadata, "extras")
+    trainable = _json_meta(src, metadata, "trainable")
+    train_bias = metadata.get("train_bias", "none")
+    methods = {e["method"] for e in info.values()}
+    if len(methods) != 1 or next(iter(methods)) not in PEFT_METHODS:
+        raise ValueError(
+            f"{os.fspath(src)!r} holds {sorted(methods)} adapters; PEFT directories "
+            f"hold one of {sorted(PEFT_METHODS)}."
+        )
+    method = PEFT_METHODS[methods.pop()]
+    layers = {}
+    for path in info:
+        module = path.rpartition(".")[0]
+        fields = {f: tensors[f"{path}.{f}"] for _, f in method.tensors}
+        if fields["a"].ndim != 2:
+            raise ValueError(f"The adapter at {path!r} is stacked; PEFT stores one matrix per module.")
+        layers[module] = (fields, float(tensors[f"{path}.scaling"]))
+    extra = {}
+    for name in extras:
+        owner = name.rpartition(".")[0]
+        if name.endswith(".bias") and owner in layers and train_bias != "none":
+            extra[owner + ".base_layer.bias"] = tensors[name]
+        else:
+            extra[name] = tensors[name]
+    out, config = peft_contents(
+        method,
+        layers,
+        extra,
+        all_modules=sorted(layers),
+        rslora=rslora,
+        train_bias=train_bias,
+        modules_to_save=trainable,
+    )
+    write_peft_dir(dst, out, config)
+
+
+def peft_to_lora_jax_file(src, dst) -> None:
+    """Rewrites a PEFT adapter directory as a [`lora_jax.save_adapter`][] file; PEFT's
+    module `<module>` becomes our adapter at `<module>.weight`."""
+    from . import __version__
+    from ._io import FORMAT_NAME, FORMAT_VERSION
+
+    config, tensors = read_peft_dir(src)
+    cpath = os.path.join(os.fspath(src), CONFIG_NAME)
+    method = method_for_config(config, cpath)
+    rslora = bool(config.get("use_rslora", False))
+    suffixes = dict(method.tensors)
+    out: dict[str, np.ndarray] = {}
+    info: dict[str, dict] = {}
+    extras = []
+    for key, arr in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"Tensor {key!r} in {os.fspath(src)!r} does not start with {PREFIX!r}.")
+        rest = key[len(PREFIX) :]
+        suffix = next((s for s in suffixes if rest.endswith("." + s)), None)
+        if suffix is not None:
+            module = rest[: -len(suffix) - 1]
+            out[f"{module}.weight.{suffixes[suffix]}"] = arr
+            info.setdefault(f"{module}.weight", {"method": method.method})
+            continue
+        if rest.endswith(".base_layer.bias"):
+            rest = rest[: -len(".base_layer.bias")] + ".bias"
+        out[rest] = arr
+        extras.append(rest)
+    for path, entry in info.items():
+        module = path.rpartition(".")[0]
+        rank = int(out[f"{path}.a"].shape[-1])
+        alpha = float(_lookup(module, config.get("alpha_pattern") or {}, config[method.alpha_key]))
+        scaling = np.asarray(peft_scaling(alpha, rank, rslora), np.float32)
+        out[f"{path}.scaling"] = scaling
+        entry.update(rank=rank, scaling=float(scaling))
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "lora_jax_version": __version__,
+        "method": method.method,
+        "rank": json.dumps(_most_common([e["rank"] for e in info.values()])),
+        "scaling": json.dumps(_most_common([e["scaling"] for e in info.values()])),
+        "targets": json.dumps(list(info)),
+        "adapters": json.dumps(info),
+        "extras": json.dumps(extras),
+        "train_bias": config.get("bias", "none"),
+        "trainable": json.dumps(config.get("modules_to_save")),
+    }
+    write_safetensors(dst, out, metadata)
