@@ -13,6 +13,15 @@ from ._loraify import (
     materialise as materialise,
     unloraify as unloraify,
 )
+from ._multi import (
+    add_adapter as add_adapter,
+    adapter_names as adapter_names,
+    combine_adapters as combine_adapters,
+    delete_adapter as delete_adapter,
+    MultiLoraArray as MultiLoraArray,
+    set_adapter as set_adapter,
+    stack_adapters as stack_adapters,
+)
 from ._peft import load_peft as load_peft, save_peft as save_peft
 from ._summary import (
     print_trainable_parameters as print_trainable_parameters,
