@@ -5,6 +5,7 @@ import importlib.metadata
 from . import _rules as _rules  # registers the shared dispatch rules
 from ._base import AbstractAdapter as AbstractAdapter, is_adapter as is_adapter
 from ._filters import partition as partition, trainable_mask as trainable_mask
+from ._io import load_adapter as load_adapter, save_adapter as save_adapter
 from ._lora import LoraArray as LoraArray
 from ._loraify import (
     find_targets as find_targets,
@@ -12,6 +13,16 @@ from ._loraify import (
     materialise as materialise,
     unloraify as unloraify,
 )
+from ._multi import (
+    add_adapter as add_adapter,
+    adapter_names as adapter_names,
+    combine_adapters as combine_adapters,
+    delete_adapter as delete_adapter,
+    MultiLoraArray as MultiLoraArray,
+    set_adapter as set_adapter,
+    stack_adapters as stack_adapters,
+)
+from ._peft import load_peft as load_peft, save_peft as save_peft
 from ._sharding import (
     fsdp as fsdp,
     partition_specs as partition_specs,

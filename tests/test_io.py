@@ -1,0 +1,244 @@
+import json
+import os
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+import quax
+
+import lora_jax as lora
+import lora_jax._io as lio
+
+from .helpers import dense_lora, randomise_model
+
+
+class Net(eqx.Module):
+    layers: list
+    head: eqx.nn.Linear
+
+    def __init__(self, key, dtype=jnp.float32):
+        k1, k2, k3 = jr.split(key, 3)
+        self.layers = [
+            eqx.nn.Linear(4, 6, key=k1, dtype=dtype),
+            eqx.nn.Linear(6, 5, key=k2, dtype=dtype),
+        ]
+        self.head = eqx.nn.Linear(5, 3, key=k3, dtype=dtype)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = jnp.tanh(layer(x))
+        return self.head(x)
+
+
+def _adapted(key, **kw):
+    k1, k2, k3 = jr.split(key, 3)
+    model = lora.loraify(Net(k1, kw.pop("base_dtype", jnp.float32)), key=k2, where=["layers.0", "layers.1"], **kw)
+    return randomise_model(model, k3)
+
+
+def _dense_forward(model, x):
+    """The adapted model written plainly: every weight w + s·a@b."""
+    def lin(layer, x):
+        f = lambda t: t.astype(jnp.float32)
+        w = layer.weight
+        w = dense_lora(f(w._w), f(w.a), f(w.b), w.scaling) if lora.is_adapter(w) else f(w)
+        return w @ x + f(layer.bias)
+
+    for layer in model.layers:
+        x = jnp.tanh(lin(layer, x))
+    return lin(model.head, x)
+
+
+def _bitwise_equal(x, y):
+    xs, xt = jtu.tree_flatten(x)
+    ys, yt = jtu.tree_flatten(y)
+    assert xt == yt
+    for a, b in zip(xs, ys):
+        if eqx.is_array(a):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rank=2),
+        dict(rank=3, alpha=6.0, rslora=True),
+        dict(rank=2, alpha=3.0, rank_pattern={"layers.1": 4}, alpha_pattern={"layers.1": 5.0}),
+        dict(rank=2, dtype=jnp.bfloat16),
+        dict(rank=2, base_dtype=jnp.bfloat16),
+    ],
+)
+def test_roundtrip_bitwise(tmp_path, getkey, kw):
+    saved = _adapted(getkey(), **kw)
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(path, saved)
+    # Load into a model with the same base but fresh factors and scalings.
+    fresh = lora.loraify(
+        eqx.tree_at(lambda m: m.layers, saved, [lora.materialise(lyr) for lyr in saved.layers]),
+        key=getkey(),
+        where=["layers.0", "layers.1"],
+        **{k: v for k, v in kw.items() if k not in ("base_dtype", "alpha", "rslora", "alpha_pattern")},
+    )
+    # (base weights of `fresh` are the merged ones; take the saved model's base back)
+    fresh = eqx.tree_at(
+        lambda m: [lyr.weight._w for lyr in m.layers], fresh, [lyr.weight._w for lyr in saved.layers]
+    )
+    loaded = lora.load_adapter(path, fresh)
+    _bitwise_equal(loaded, saved)
+    x = jr.normal(getkey(), (4,))
+    ref = _dense_forward(saved, x)
+    if "base_dtype" in kw:
+        x = x.astype(kw["base_dtype"])
+    tol = 1e-5 if "dtype" not in kw and "base_dtype" not in kw else 5e-2
+    assert np.allclose(np.asarray(quax.quaxify(loaded)(x), np.float32), ref, atol=tol, rtol=tol)
+
+
+def test_only_adapter_leaves_saved(tmp_path, getkey):
+    model = _adapted(getkey(), rank=2)
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, model)
+    tensors, meta = lio.read_safetensors(path)
+    assert sorted(tensors) == [
+        f"layers.{i}.weight.{f}" for i in (0, 1) for f in ("a", "b", "scaling")
+    ]
+    assert meta["method"] == "lora" and json.loads(meta["rank"]) == 2
+    assert json.loads(meta["targets"]) == ["layers.0.weight", "layers.1.weight"]
+    assert meta["format_version"] == "1" and meta["lora_jax_version"] == lora.__version__
+    assert np.array_equal(tensors["layers.0.weight.a"], np.asarray(model.layers[0].weight.a))
+
+
+def test_biases_and_trainable(tmp_path, getkey):
+    model = _adapted(getkey(), rank=2)
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, model, train_bias="lora_only", trainable=["head"])
+    tensors, _ = lio.read_safetensors(path)
+    assert {"layers.0.bias", "layers.1.bias", "head.weight", "head.bias"} <= set(tensors)
+    # Change what was saved, then load it back.
+    k = getkey()
+    other = jtu.tree_map(lambda x: x + 1 if eqx.is_inexact_array(x) else x, model)
+    loaded = lora.load_adapter(path, other)
+    for got, want in [
+        (loaded.layers[0].bias, model.layers[0].bias),
+        (loaded.head.weight, model.head.weight),
+        (loaded.layers[1].weight.a, model.layers[1].weight.a),
+    ]:
+        assert np.array_equal(got, want)
+    # The base weights are not in the file: `other`'s stay.
+    assert np.array_equal(loaded.layers[0].weight._w, other.layers[0].weight._w)
+    del k
+
+
+def test_stacked_adapter_roundtrip(tmp_path, getkey):
+    w = jr.normal(getkey(), (3, 5, 4))
+    value = lora.LoraArray(w, rank=2, key=getkey())
+    model = randomise_model({"blocks": value}, getkey())
+    path = tmp_path / "s.safetensors"
+    lora.save_adapter(path, model)
+    fresh = {"blocks": lora.LoraArray(w, rank=2, key=getkey())}
+    loaded = lora.load_adapter(path, fresh)
+    _bitwise_equal(loaded, model)
+    x = jr.normal(getkey(), (3, 4))
+    got = quax.quaxify(jnp.einsum)("boi,bi->bo", loaded["blocks"], x)
+    v = model["blocks"]
+    ref = jnp.einsum("boi,bi->bo", dense_lora(v._w, v.a, v.b, v.scaling), x)
+    assert np.allclose(got, ref, atol=1e-5)
+
+
+def test_rank_mismatch_names_tensor(tmp_path, getkey):
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, _adapted(getkey(), rank=2))
+    other = _adapted(getkey(), rank=2, rank_pattern={"layers.1": 3})
+    with pytest.raises(ValueError, match=r"'layers\.1\.weight\.a'.*shape \(5, 2\).*expects \(5, 3\)"):
+        lora.load_adapter(path, other)
+
+
+def test_dtype_mismatch_names_tensor(tmp_path, getkey):
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, _adapted(getkey(), rank=2))
+    other = _adapted(getkey(), rank=2, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"'layers\.0\.weight\.a'.*dtype float32.*bfloat16"):
+        lora.load_adapter(path, other)
+
+
+def test_structure_mismatch(tmp_path, getkey):
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, _adapted(getkey(), rank=2))
+    fewer = lora.loraify(Net(getkey()), rank=2, key=getkey(), where=["layers.0"])
+    with pytest.raises(ValueError, match=r"has tensor 'layers\.1\.weight\.a' that `model` does not have"):
+        lora.load_adapter(path, fewer)
+    more = lora.loraify(Net(getkey()), rank=2, key=getkey())
+    with pytest.raises(ValueError, match=r"lacks tensor 'head\.weight\.a'"):
+        lora.load_adapter(path, more)
+    with pytest.raises(ValueError, match="`model` has no adapters"):
+        lora.load_adapter(path, Net(getkey()))
+
+
+def test_missing_and_bad_files(tmp_path, getkey):
+    model = _adapted(getkey(), rank=2)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        lora.load_adapter(tmp_path / "nope.safetensors", model)
+    with pytest.raises(ValueError, match="is a directory"):
+        lora.load_adapter(tmp_path, model)
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, model)
+    data = path.read_bytes()
+    for cut in (0, 5, 20, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"cut{cut}\.safetensors.*not a valid safetensors"):
+            lora.load_adapter(bad, model)
+    corrupt = bytearray(data)
+    corrupt[8:12] = b"\xff\xfe{["
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match="corrupt.safetensors.*header is not JSON"):
+        lora.load_adapter(bad, model)
+    foreign = tmp_path / "foreign.safetensors"
+    lio.write_safetensors(foreign, {"x": np.zeros(2, np.float32)}, {})
+    with pytest.raises(ValueError, match="not a lora_jax adapter file"):
+        lora.load_adapter(foreign, model)
+
+
+def test_crash_during_save_keeps_old_file(tmp_path, getkey, monkeypatch):
+    path = tmp_path / "a.safetensors"
+    old = _adapted(getkey(), rank=2)
+    lora.save_adapter(path, old)
+    before = path.read_bytes()
+    monkeypatch.setattr(lio, "_CHUNK", 16)
+    real_write = os.write
+    calls = []
+
+    def flaky_write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 3:
+            raise OSError("disk on fire")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", flaky_write)
+    with pytest.raises(OSError, match="disk on fire"):
+        lora.save_adapter(path, _adapted(getkey(), rank=2))
+    monkeypatch.setattr(os, "write", real_write)
+    assert len(calls) == 3  # it did fail midway
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["a.safetensors"]
+    _bitwise_equal(lora.load_adapter(path, old), old)
+
+
+def test_no_adapters(tmp_path, getkey):
+    with pytest.raises(ValueError, match="`model` has no adapters"):
+        lora.save_adapter(tmp_path / "a.safetensors", Net(getkey()))
+    assert not os.listdir(tmp_path)
+
+
+def test_readable_by_safetensors(tmp_path, getkey):
+    from safetensors.numpy import load_file
+
+    model = _adapted(getkey(), rank=2)
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, model)
+    tensors = load_file(str(path))
+    assert np.array_equal(tensors["layers.1.weight.b"], model.layers[1].weight.b)
