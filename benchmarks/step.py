@@ -75,17 +75,24 @@ def factors_filter(model):
 
 def make_lora_step(model, opt):
     params, frozen = eqx.partition(model, factors_filter(model))
+    frozen_arrays, static = eqx.partition(frozen, eqx.is_array)
 
+    # Every array is an argument: a closed-over weight would be a compile-time
+    # constant, which XLA may fold (and which no real training loop has).
     @jax.jit
-    def step(params, state, x):
+    def step(params, state, frozen_arrays, x):
         def loss(p):
-            return quax.quaxify(loss_fn)(eqx.combine(p, frozen), x)
+            model = eqx.combine(p, frozen_arrays, static)
+            return quax.quaxify(loss_fn)(model, x)
 
         g = jax.grad(loss)(params)
         updates, state = opt.update(g, state, params)
         return optax.apply_updates(params, updates), state
 
-    return step, (params, opt.init(params))
+    return lambda params, state, x: step(params, state, frozen_arrays, x), (
+        params,
+        opt.init(params),
+    )
 
 
 def make_full_step(model, opt):
