@@ -19,6 +19,7 @@ from ._targets import (
     layer_index,
     lookup_pattern,
     make_matcher,
+    name_matches,
     pattern_key_matches,
     path_name,
 )
@@ -79,7 +80,7 @@ def find_targets(
         match, patterns = make_matcher(where, "where")
     if patterns is not None:
         for p in patterns:
-            if not any(_name_hit(n, p) for n in names):
+            if not any(name_matches(n, p) for n in names):
                 raise ValueError(
                     f"`where` entry {p!r} matches no layer in the model. Layers that can "
                     f"be adapted: {_preview(names)}."
@@ -111,10 +112,6 @@ def find_targets(
             f"{_preview(names)}."
         )
     return out
-
-
-def _name_hit(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
 
 
 def _preview(names: list[str]) -> str:

@@ -221,6 +221,19 @@ def _check_name_map(name_map) -> Callable[[str], str]:
     raise TypeError(f"`name_map` must be a dict, a callable or None; got {type(name_map).__name__}.")
 
 
+def _split_key(key: str, suffixes, path: str):
+    """`base_model.model.<module>.<suffix>` -> (name without the prefix, module,
+    suffix), with module and suffix `None` when no adapter suffix matches."""
+    if not key.startswith(PREFIX):
+        raise ValueError(
+            f"Tensor {key!r} in {path!r} does not start with {PREFIX!r}, as PEFT's names do."
+        )
+    rest = key[len(PREFIX) :]
+    suffix = next((s for s in suffixes if rest.endswith("." + s)), None)
+    module = rest[: -len(suffix) - 1] if suffix is not None else None
+    return rest, module, suffix
+
+
 def _module_names(model) -> list[str]:
     """Every module (non-leaf node) name in `model`, parents first."""
     names: dict[str, None] = {}
@@ -513,12 +526,8 @@ def load_peft(
     factors: dict[str, dict[str, np.ndarray]] = {}  # torch module -> field -> array
     plain: dict[str, np.ndarray] = {}  # our leaf name -> array
     for key, arr in tensors.items():
-        if not key.startswith(PREFIX):
-            raise ValueError(f"Tensor {key!r} in {wpath!r} does not start with {PREFIX!r}, as PEFT's names do.")
-        rest = key[len(PREFIX) :]
-        suffix = next((s for s in suffixes if rest.endswith("." + s)), None)
+        rest, module, suffix = _split_key(key, suffixes, wpath)
         if suffix is not None:
-            module = rest[: -len(suffix) - 1]
             factors.setdefault(module, {})[suffixes[suffix]] = arr
             continue
         if rest.endswith(".base_layer.bias"):
@@ -662,12 +671,8 @@ def peft_to_lora_jax_file(src, dst) -> None:
     info: dict[str, dict] = {}
     extras = []
     for key, arr in tensors.items():
-        if not key.startswith(PREFIX):
-            raise ValueError(f"Tensor {key!r} in {os.fspath(src)!r} does not start with {PREFIX!r}.")
-        rest = key[len(PREFIX) :]
-        suffix = next((s for s in suffixes if rest.endswith("." + s)), None)
+        rest, module, suffix = _split_key(key, suffixes, os.fspath(src))
         if suffix is not None:
-            module = rest[: -len(suffix) - 1]
             out[f"{module}.weight.{suffixes[suffix]}"] = arr
             info.setdefault(f"{module}.weight", {"method": method.method})
             continue
