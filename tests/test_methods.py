@@ -181,7 +181,7 @@ def test_materialise_equals_forward(variant, getkey):
     merged = lora.materialise(model)
     assert not lora.is_adapter(merged.weight)
     np.testing.assert_allclose(
-        jax.jit(quax.quaxify(model))(x), merged(x), rtol=1e-4, atol=1e-4
+        eqx.filter_jit(quax.quaxify(model))(x), merged(x), rtol=1e-4, atol=1e-4
     )
     np.testing.assert_allclose(merged.weight, dense(model.weight), rtol=1e-5, atol=1e-5)
 
@@ -191,12 +191,18 @@ def test_training_lowers_loss_with_frozen_base(variant, getkey):
     model = eqx.nn.Linear(IN, OUT, key=getkey())
     model = lora.loraify(model, rank=variant.rank, alpha=variant.alpha, key=getkey(),
                          method=variant.method, **variant.options)
-    teacher = jr.normal(getkey(), (OUT, IN)) * 0.3
+    # A reachable target: the same adapter with its trainable fields moved at random.
+    fields = trainable(model.weight)
+    keys = dict(zip(fields, jr.split(getkey(), len(fields))))
+    teacher = with_fields(
+        model.weight, {f: x + 0.3 * jr.normal(keys[f], x.shape) for f, x in fields.items()}
+    )
     x = jr.normal(getkey(), (32, IN))
-    y = x @ (model.weight._w + teacher).T
+    y = x @ dense(teacher).T + model.bias[None]
     params, frozen = lora.partition(model)
     opt = optax.adam(1e-2)
-    state = opt.init(params)
+    with jax.numpy_dtype_promotion("standard"):
+        state = opt.init(params)
 
     def loss(params):
         m = eqx.combine(params, frozen)
@@ -205,13 +211,14 @@ def test_training_lowers_loss_with_frozen_base(variant, getkey):
     @jax.jit
     def step(params, state):
         value, grads = jax.value_and_grad(loss)(params)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
+        with jax.numpy_dtype_promotion("standard"):  # optax's own arithmetic
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, value
 
     first = loss(params)
     for _ in range(40):
         params, state, _ = step(params, state)
-    assert loss(params) < 0.9 * first
+    assert loss(params) < 0.5 * first
     trained = eqx.combine(params, frozen)
     np.testing.assert_array_equal(trained.weight._w, model.weight._w)
     np.testing.assert_array_equal(trained.bias, model.bias)
@@ -265,7 +272,7 @@ def test_multihead_attention(variant, getkey):
     )
     q = jr.normal(getkey(), (5, OUT))
     kv = jr.normal(getkey(), (7, OUT))
-    got = jax.jit(quax.quaxify(model))(q, kv, kv)
+    got = eqx.filter_jit(quax.quaxify(model))(q, kv, kv)
     expected = lora.materialise(model)(q, kv, kv)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert not np.allclose(got, mha(q, kv, kv), atol=1e-3)
