@@ -12,9 +12,17 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling
 from ._broadcast import along_output
+from ._dropout import dropout as apply_dropout
 from ._lora import Init, lora_scaling
 from ._rules import Dims, join_dims, lowrank_product
-from ._validate import check_dtype, check_key, check_rank, check_scalar, check_weight
+from ._validate import (
+    check_dtype,
+    check_key,
+    check_probability,
+    check_rank,
+    check_scalar,
+    check_weight,
+)
 
 
 class DoraArray(AbstractAdapter):
@@ -38,6 +46,8 @@ class DoraArray(AbstractAdapter):
     b: Float[Array, "*batch rank in"]
     m: Float[Array, "*batch out"]
     scaling: Float[Array, ""]
+    dropout_key: PRNGKeyArray | None
+    dropout: float = eqx.field(static=True)
     # Which axis of the stored matrix holds the output units: -2, or -1 once transposed.
     axis: int = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
@@ -56,6 +66,7 @@ class DoraArray(AbstractAdapter):
         init: Init = "quax",
         scale: float = 0.01,
         dtype=None,
+        dropout: float = 0.0,
         allow_materialise: bool = False,
         stop_gradient: bool = True,
     ):
@@ -65,6 +76,10 @@ class DoraArray(AbstractAdapter):
         - `rank`, `key`, `alpha`, `rslora`, `init`, `scale`, `dtype`,
             `allow_materialise`, `stop_gradient`: as for [`lora_jax.LoraArray`][]. The
             magnitudes `m` take the factors' dtype.
+        - `dropout`: PEFT's `lora_dropout` for DoRA: while the adapter holds a key
+            (see [`lora_jax.with_dropout_keys`][]), the product is
+            `w·x + (m/n - 1) ⊙ w·x̃ + (m/n) ⊙ s·a·(b·x̃)` with `x̃` the dropped-out input,
+            as PEFT computes it (one more product with `w`); the identity otherwise.
 
         !!! Example
 
@@ -84,6 +99,7 @@ class DoraArray(AbstractAdapter):
         check_rank(rank)
         check_key(key)
         check_scalar(scale, "scale")
+        check_probability(dropout, "dropout")
         if alpha is not None:
             check_scalar(alpha, "alpha", positive=True)
         if init not in ("quax", "peft", "gaussian"):
@@ -109,6 +125,8 @@ class DoraArray(AbstractAdapter):
         self.scaling = as_scaling(lora_scaling(rank, alpha, rslora))
         self.axis = -2
         self.m = _norm(weight, a, b, self.scaling, -2)
+        self.dropout = float(dropout)
+        self.dropout_key = None
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
 
@@ -126,7 +144,7 @@ class DoraArray(AbstractAdapter):
     def dot_general(self, other, dims: Dims, params):
         return _dora_dot(
             self.w, self.a, self.b, self.m, lax.stop_gradient(self.scaling), self.axis,
-            other, dims, params,
+            other, dims, params, self.dropout_key, self.dropout,
         )
 
     def transpose(self, permutation, *, swap):
@@ -180,7 +198,7 @@ def _delta(w, a, b, m, scaling, axis):
 
 
 @quax.quaxify
-def _dora_dot(w, a, b, m, scaling, axis, other, dims: Dims, params):
+def _dora_dot(w, a, b, m, scaling, axis, other, dims: Dims, params, key=None, rate=0.0):
     n = a.ndim
     g = m / lax.stop_gradient(_norm(w, a, b, scaling, axis))
     a = a * scaling.astype(a.dtype)
@@ -196,13 +214,18 @@ def _dora_dot(w, a, b, m, scaling, axis, other, dims: Dims, params):
     out_ndim = len(dims.adapter_batch) + (n - len(dims.adapter_contract) - len(dims.adapter_batch)) + (
         other.ndim - len(dims.other_contract) - len(dims.other_batch)
     )
+    dropped = apply_dropout(key, rate, other)
     g_out = along_output(g, (*range(n - 2), unit_dim), dims, n, other.ndim, out_ndim)
     if g_out is not None:
         # The usual case: the output units (and any stacking dimensions) survive in the
         # product, so the magnitudes scale its output.
         out = dot(w, other)
-        delta = lowrank_product(a, b, other, dims, precision)
-        return (out + delta.astype(out.dtype)) * g_out.astype(out.dtype)
+        g_out = g_out.astype(out.dtype)
+        delta = lowrank_product(a, b, dropped, dims, precision).astype(out.dtype)
+        if dropped is other:
+            return (out + delta) * g_out
+        # PEFT's training form: w·x + (g - 1)·w·x̃ + g·s·a·(b·x̃).
+        return out + (g_out - 1) * dot(w, dropped) + g_out * delta
     # Fallback, for products that contract the output units or a stacking dimension
     # (`x @ w` on an untransposed matrix, say): scale a copy of `w` by the magnitudes.
     # This is one full-size intermediate (never `w + Δ`).
@@ -211,6 +234,10 @@ def _dora_dot(w, a, b, m, scaling, axis, other, dims: Dims, params):
         a = a * g[..., :, None]
     else:
         b = b * g[..., None, :]
-    out = dot(w * gw.astype(w.dtype), other)
-    delta = lowrank_product(a, b, other, dims, precision)
+    delta = lowrank_product(a, b, dropped, dims, precision)
+    gw = w * gw.astype(w.dtype)
+    if dropped is other:
+        out = dot(gw, other)
+    else:
+        out = dot(w, other) + dot(gw, dropped) - dot(w, dropped)
     return out + delta.astype(out.dtype)

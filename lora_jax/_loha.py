@@ -11,8 +11,16 @@ import quax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling
+from ._dropout import module_keep, unit_mask
 from ._rules import Dims, join_dims, lowrank_product
-from ._validate import check_dtype, check_key, check_rank, check_scalar, check_weight
+from ._validate import (
+    check_dtype,
+    check_key,
+    check_probability,
+    check_rank,
+    check_scalar,
+    check_weight,
+)
 
 
 class LohaArray(AbstractAdapter):
@@ -33,8 +41,12 @@ class LohaArray(AbstractAdapter):
     w2a: Float[Array, "*batch out rank"]
     w2b: Float[Array, "*batch rank in"]
     scaling: Float[Array, ""]
+    dropout_key: PRNGKeyArray | None
     rank_dropout: float = eqx.field(static=True)
     module_dropout: float = eqx.field(static=True)
+    # Whether the stored matrix is the transpose of the adapted one (rank dropout
+    # masks the adapted matrix's output rows).
+    transposed: bool = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
 
@@ -64,7 +76,13 @@ class LohaArray(AbstractAdapter):
             of `1` (PEFT's default `alpha == r`).
         - `init_weights`: PEFT's: `True` (`w1a`, `w1b`, `w2a` Kaiming-uniform, `w2b`
             zero: a no-op) or `False` (all Kaiming-uniform: not a no-op).
-        - `rank_dropout`, `module_dropout`: PEFT's. Only `0.0` is supported for now.
+        - `rank_dropout`: PEFT's: the probability of zeroing each output row of the
+            update, the mask divided by its mean (as PEFT's LoHa always does).
+        - `module_dropout`: PEFT's: the probability of skipping the update entirely
+            (per layer of a stack).
+
+            Both dropouts act only while the adapter holds a key (see
+            [`lora_jax.with_dropout_keys`][]); they are the identity otherwise.
         - `use_effective_conv2d`: accepted for PEFT's configuration surface; it only
             concerns convolutions and has no effect on a matrix.
         - `dtype`: the factors' dtype. Defaults to the weight's.
@@ -95,13 +113,8 @@ class LohaArray(AbstractAdapter):
             raise TypeError(
                 f"`use_effective_conv2d` must be a bool, got {use_effective_conv2d!r}."
             )
-        for name, p in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
-            check_scalar(p, name)
-            if p != 0:
-                raise ValueError(
-                    f"`{name}` must be 0.0: LoHa's {name.replace('_', ' ')} is not "
-                    f"supported yet, got {p}."
-                )
+        check_probability(rank_dropout, "rank_dropout")
+        check_probability(module_dropout, "module_dropout")
         dtype = check_dtype(dtype, weight.dtype)
         *batch, out, inp = weight.shape
         k1, k2, k3, k4 = jr.split(key, 4)
@@ -121,6 +134,8 @@ class LohaArray(AbstractAdapter):
         self.scaling = as_scaling(1.0 if alpha is None else alpha / rank)
         self.rank_dropout = float(rank_dropout)
         self.module_dropout = float(module_dropout)
+        self.transposed = False
+        self.dropout_key = None
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
 
@@ -139,6 +154,18 @@ class LohaArray(AbstractAdapter):
 
     def dot_general(self, other, dims: Dims, params):
         a, b = self.lora_factors()
+        if self.dropout_key is not None:
+            k_rank, k_module = jr.split(self.dropout_key)
+            *lead, units = a.shape[:-1] if not self.transposed else (*a.shape[:-2], b.shape[-1])
+            if self.rank_dropout > 0:
+                rows = unit_mask(k_rank, self.rank_dropout, (*lead, units), a.dtype, rescale=True)
+                if self.transposed:
+                    b = b * rows[..., None, :]
+                else:
+                    a = a * rows[..., :, None]
+            if self.module_dropout > 0:
+                keep = module_keep(k_module, self.module_dropout, tuple(lead), a.dtype)
+                a = a * keep[..., None, None]
         return _loha_dot(self.w, a, b, lax.stop_gradient(self.scaling), other, dims, params)
 
     def transpose(self, permutation, *, swap):
@@ -148,7 +175,10 @@ class LohaArray(AbstractAdapter):
         else:
             f = (t(self.w1a), t(self.w1b), t(self.w2a), t(self.w2b))
         w = quax.quaxify(t)(self._w)
-        return eqx.tree_at(lambda v: (v._w, v.w1a, v.w1b, v.w2a, v.w2b), self, (w, *f))
+        new = eqx.tree_at(lambda v: (v._w, v.w1a, v.w1b, v.w2a, v.w2b), self, (w, *f))
+        # A static field: set on the fresh copy `tree_at` made.
+        object.__setattr__(new, "transposed", self.transposed != swap)
+        return new
 
 
 def _face_split(w1a, w1b, w2a, w2b):

@@ -12,8 +12,16 @@ import quax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling
+from ._dropout import module_keep, unit_mask
 from ._rules import Dims, join_dims
-from ._validate import check_dtype, check_key, check_rank, check_scalar, check_weight
+from ._validate import (
+    check_dtype,
+    check_key,
+    check_probability,
+    check_rank,
+    check_scalar,
+    check_weight,
+)
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -68,6 +76,7 @@ class LokrArray(AbstractAdapter):
     w2_a: Float[Array, "k rank"] | None
     w2_b: Float[Array, "rank q"] | None
     scaling: Float[Array, ""]
+    dropout_key: PRNGKeyArray | None
     r: int = eqx.field(static=True)
     rank_dropout: float = eqx.field(static=True)
     module_dropout: float = eqx.field(static=True)
@@ -112,8 +121,13 @@ class LokrArray(AbstractAdapter):
         - `init_weights`: PEFT's: `True` (`w1` or `w1_a` zero, the rest Kaiming-uniform:
             a no-op), `"lycoris"` (`w2` or `w2_b` zero: a no-op) or `False` (all
             Kaiming-uniform: not a no-op).
-        - `rank_dropout`, `module_dropout`, `rank_dropout_scale`: PEFT's. Only `0.0`
-            is supported for now.
+        - `rank_dropout`: PEFT's: the probability of zeroing each output row of the
+            update (divided by the mean of the mask if `rank_dropout_scale`).
+        - `module_dropout`: PEFT's: the probability of skipping the update entirely.
+        - `rank_dropout_scale`: see `rank_dropout`.
+
+            Both dropouts act only while the adapter holds a key (see
+            [`lora_jax.with_dropout_keys`][]); they are the identity otherwise.
         - `use_effective_conv2d`: accepted for PEFT's configuration surface; it only
             concerns convolutions and has no effect on a matrix.
         - `dtype`: the factors' dtype. Defaults to the weight's.
@@ -160,13 +174,8 @@ class LokrArray(AbstractAdapter):
             raise ValueError(
                 f"`init_weights` must be True, False or 'lycoris', got {init_weights!r}."
             )
-        for name, p in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
-            check_scalar(p, name)
-            if p != 0:
-                raise ValueError(
-                    f"`{name}` must be 0.0: LoKr's {name.replace('_', ' ')} is not "
-                    f"supported yet, got {p}."
-                )
+        check_probability(rank_dropout, "rank_dropout")
+        check_probability(module_dropout, "module_dropout")
         dtype = check_dtype(dtype, weight.dtype)
         out, inp = weight.shape
         l, k = factorization(out, decompose_factor)
@@ -195,6 +204,7 @@ class LokrArray(AbstractAdapter):
         self.rank_dropout = float(rank_dropout)
         self.module_dropout = float(module_dropout)
         self.rank_dropout_scale = rank_dropout_scale
+        self.dropout_key = None
         self.transposed = False
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
@@ -214,8 +224,17 @@ class LokrArray(AbstractAdapter):
 
     def dot_general(self, other, dims: Dims, params):
         w1, w2 = self.factors()
+        rows = keep = None
+        if self.dropout_key is not None:
+            k_rank, k_module = jr.split(self.dropout_key)
+            if self.rank_dropout > 0:
+                rows = unit_mask(k_rank, self.rank_dropout, (w1.shape[0] * w2.shape[0],),
+                                 w1.dtype, rescale=self.rank_dropout_scale)
+            if self.module_dropout > 0:
+                keep = module_keep(k_module, self.module_dropout, (), w1.dtype)
         return _lokr_dot(
-            self.w, w1, w2, lax.stop_gradient(self.scaling), self.transposed, other, dims, params
+            self.w, w1, w2, lax.stop_gradient(self.scaling), self.transposed, other, dims,
+            params, rows, keep,
         )
 
     def transpose(self, permutation, *, swap):
@@ -235,12 +254,16 @@ def _factors(w1, w1_a, w1_b, w2, w2_a, w2_b):
 
 
 @quax.quaxify
-def _lokr_dot(w, w1, w2, scaling, transposed, other, dims: Dims, params):
+def _lokr_dot(w, w1, w2, scaling, transposed, other, dims: Dims, params, rows=None, keep=None):
+    """`rows`: a rank-dropout mask over the adapted matrix's output rows; `keep`: the
+    module-dropout scalar; `None` when off."""
     dn = join_dims(*dims)
     out = lax.dot_general(w, other, dn, **params) if dims.adapter_lhs else (
         lax.dot_general(other, w, dn, **params)
     )
     w1 = w1 * scaling.astype(w1.dtype)
+    if keep is not None:
+        w1 = w1 * keep
     if other.dtype != w1.dtype:
         other = other.astype(w1.dtype)
     precision = params.get("precision")
@@ -248,11 +271,23 @@ def _lokr_dot(w, w1, w2, scaling, transposed, other, dims: Dims, params):
         # The stored dimension contracted, seen on the factors (their layout is the
         # adapted matrix's, the stored one may be its transpose).
         c = dims.adapter_contract[0] ^ int(transposed)
-        delta = _kron_apply(w1, w2, c, other, dims.other_contract[0], dims.adapter_lhs, precision)
+        e = dims.other_contract[0]
+        if rows is not None and c == 0:
+            # The masked rows are contracted: mask `x` along them instead.
+            shape = [1] * other.ndim
+            shape[e] = rows.shape[0]
+            other = other * rows.reshape(shape)
+        delta = _kron_apply(w1, w2, c, other, e, dims.adapter_lhs, precision)
+        if rows is not None and c == 1:
+            shape = [1] * delta.ndim
+            shape[0 if dims.adapter_lhs else -1] = rows.shape[0]
+            delta = delta * rows.reshape(shape)
     else:
         # Fallback, for products that contract both dimensions of the matrix or batch
         # over one: form the update `s·(w1 ⊗ w2)` alone (never `w + Δ`).
         d = jnp.kron(w1, w2)
+        if rows is not None:
+            d = d * rows[:, None]
         d = d.T if transposed else d
         delta = lax.dot_general(d, other, dn, precision=precision) if dims.adapter_lhs else (
             lax.dot_general(other, d, dn, precision=precision)

@@ -15,7 +15,14 @@ import quax
 
 import lora_jax as lora
 
-from .helpers import dense_dora, dense_lokr, dense_loha, dense_lora, randomise_factors
+from .helpers import (
+    dense_dora,
+    dense_lokr,
+    dense_loha,
+    dense_lora,
+    randomise_factors,
+    tree_allclose,
+)
 
 
 OUT, IN = 16, 24  # LoKr splits these as (4, 4) and (4, 6)
@@ -320,8 +327,9 @@ def test_dora_magnitude_starts_at_row_norms(getkey):
         ("lokr", {"rslora": True}, "`rslora=True`"),
         ("lokr", {"decompose_factor": 0}, "`decompose_factor`"),
         ("lokr", {"init_weights": "gaussian"}, "`init_weights`"),
-        ("lokr", {"rank_dropout": 0.1}, "`rank_dropout`"),
-        ("loha", {"module_dropout": 0.1}, "`module_dropout`"),
+        ("lokr", {"rank_dropout": 1.5}, "`rank_dropout`"),
+        ("loha", {"module_dropout": 1.0}, "`module_dropout`"),
+        ("lora", {"dropout": -0.5}, "`dropout`"),
         ("loha", {"init": "gaussian"}, "`init`"),
     ],
 )
@@ -329,3 +337,97 @@ def test_bad_options_raise(method, options, match, getkey):
     with pytest.raises((ValueError, TypeError), match=match):
         lora.loraify(eqx.nn.Linear(IN, OUT, key=getkey()), rank=2, key=getkey(),
                      method=method, **options)
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout: the identity without a key; with one, the dense formula with the same masks.
+# ---------------------------------------------------------------------------------------
+
+
+def _keep(key, rate, shape):
+    return jr.bernoulli(key, 1 - rate, shape).astype(jnp.float32)
+
+
+def _dense_dropout_forward(v, x):
+    """`x @ w'.T` under dropout, written plainly from PEFT's definitions, drawing the
+    masks from the adapter's key as the documented rule does."""
+    key = v.dropout_key
+    if isinstance(v, lora.LoraArray):
+        xd = x * _keep(key, v.dropout, x.shape) / (1 - v.dropout)
+        return x @ v._w.T + v.scaling * (xd @ (v.a @ v.b).T)
+    if isinstance(v, lora.DoraArray):
+        xd = x * _keep(key, v.dropout, x.shape) / (1 - v.dropout)
+        g = v.m / jnp.linalg.norm(dense_lora(v._w, v.a, v.b, v.scaling), axis=-1)
+        return (x @ v._w.T + (g - 1)[None] * (xd @ v._w.T)
+                + g[None] * v.scaling * (xd @ (v.a @ v.b).T))
+    k_rank, k_module = jr.split(key)
+    if isinstance(v, lora.LokrArray):
+        delta = dense_lokr(jnp.zeros_like(v._w), *v.factors(), v.scaling)
+        rescale = v.rank_dropout_scale
+    else:
+        delta = dense_loha(jnp.zeros_like(v._w), v.w1a, v.w1b, v.w2a, v.w2b, v.scaling)
+        rescale = True
+    rows = _keep(k_rank, v.rank_dropout, (OUT,)) if v.rank_dropout else jnp.ones(OUT)
+    if rescale and v.rank_dropout:
+        rows = rows / jnp.mean(rows)
+    keep = _keep(k_module, v.module_dropout, ()) if v.module_dropout else jnp.ones(())
+    return x @ v._w.T + keep * (x @ (rows[:, None] * delta).T)
+
+
+DROPOUT_VARIANTS = [
+    Variant("lora-dropout", "lora", 3, {"dropout": 0.5}),
+    Variant("dora-dropout", "dora", 3, {"dropout": 0.5}),
+    Variant("lokr-rank-dropout", "lokr", 2, {"rank_dropout": 0.5}),
+    Variant("lokr-rank-dropout-scale", "lokr", 2, {"rank_dropout": 0.5, "rank_dropout_scale": True}),
+    Variant("lokr-module-dropout", "lokr", 2, {"module_dropout": 0.5, "rank_dropout": 0.3}),
+    Variant("loha-rank-dropout", "loha", 2, {"rank_dropout": 0.5}),
+    Variant("loha-module-dropout", "loha", 2, {"module_dropout": 0.5}),
+]
+
+
+@pytest.mark.parametrize("variant", DROPOUT_VARIANTS, ids=[v.name for v in DROPOUT_VARIANTS])
+def test_dropout(variant, getkey):
+    v = _adapter(variant, getkey)
+    x = jr.normal(getkey(), (6, IN))
+    fn = jax.jit(quax.quaxify(lambda w, x: x @ w.T))
+    # No key: the identity (inference).
+    np.testing.assert_allclose(fn(v, x), x @ dense(v).T, rtol=1e-4, atol=1e-4)
+    outs = []
+    for seed in range(4):
+        vk = lora.with_dropout_keys(v, jr.key(seed))
+        got = fn(vk, x)
+        np.testing.assert_allclose(got, _dense_dropout_forward(vk, x), rtol=1e-4, atol=1e-4)
+        outs.append(got)
+    # The masks differ from key to key.
+    assert any(not np.allclose(outs[0], o) for o in outs[1:])
+    # Taking the keys away again restores inference.
+    np.testing.assert_allclose(fn(lora.with_dropout_keys(vk, None), x), fn(v, x))
+
+
+def test_dropout_in_a_training_step(getkey):
+    mlp = eqx.nn.MLP(IN, OUT, width_size=OUT, depth=2, key=getkey())
+    model = lora.loraify(mlp, rank=2, key=getkey(), dropout=0.3)
+    params, frozen = lora.partition(model)
+    x = jr.normal(getkey(), (8, IN))
+
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def loss(params, key):
+        m = lora.with_dropout_keys(eqx.combine(params, frozen), key)
+        keys = [l.weight.dropout_key for l in m.layers]
+        assert all(k is not None for k in keys)
+        return jnp.sum(quax.quaxify(jax.vmap(m))(x) ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+    g1, g2 = grad(params, jr.key(1)), grad(params, jr.key(2))
+    assert not tree_allclose(g1, g2)
+    assert tree_allclose(g1, grad(params, jr.key(1)))
+
+
+def test_dropout_arguments_are_checked(getkey):
+    w = jr.normal(getkey(), (OUT, IN))
+    with pytest.raises(ValueError, match="`dropout`"):
+        lora.LoraArray(w, rank=2, dropout=1.0, key=getkey())
+    with pytest.raises(ValueError, match="`rank_dropout`"):
+        lora.LokrArray(w, rank=2, rank_dropout=-0.1, key=getkey())
+    with pytest.raises(TypeError, match="`key`"):
+        lora.with_dropout_keys(lora.LoraArray(w, rank=2, key=getkey()), 3)
