@@ -415,7 +415,7 @@ def test_dropout_in_a_training_step(getkey):
         m = lora.with_dropout_keys(eqx.combine(params, frozen), key)
         keys = [l.weight.dropout_key for l in m.layers]
         assert all(k is not None for k in keys)
-        return jnp.sum(quax.quaxify(jax.vmap(m))(x) ** 2)
+        return jnp.sum(quax.quaxify(lambda m, x: jax.vmap(lambda xi: m(xi))(x))(m, x) ** 2)
 
     grad = jax.jit(jax.grad(loss))
     g1, g2 = grad(params, jr.key(1)), grad(params, jr.key(2))
