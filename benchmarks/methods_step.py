@@ -2,7 +2,7 @@
 gradient of the plain model), on a stack of residual MLP blocks. CPU, interleaved runs
 in one process, median of `--runs` each after warm-up.
 
-    python benchmarks/methods_step.py [--runs 20] [--jaxpr]
+    PYTHONPATH=. python benchmarks/methods_step.py [--runs 20] [--jaxpr]
 
 `--jaxpr` also lists, for each variant, the transposes and the intermediates of a full
 weight's size (other than the weights themselves) in the step's jaxpr.
@@ -53,7 +53,7 @@ def make_floor(model, x, y):
     # The weights are arguments (not constants baked into the program), as in a step.
     @eqx.filter_jit
     def floor(model, x, y):
-        out, vjp = jax.vjp(jax.vmap(model), x)
+        out, vjp = jax.vjp(jax.vmap(lambda xi: model(xi)), x)
         return vjp(out - y)[0]
 
     return lambda: floor(model, x, y)
@@ -64,7 +64,7 @@ def make_step(model, x, y):
 
     def loss(params, x, y):
         m = eqx.combine(params, frozen)
-        out = quax.quaxify(jax.vmap(m))(x)
+        out = quax.quaxify(lambda m, x: jax.vmap(lambda xi: m(xi))(x))(m, x)
         return 0.5 * jnp.sum((out - y) ** 2)
 
     grad = jax.jit(jax.grad(loss))
