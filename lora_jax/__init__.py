@@ -4,8 +4,12 @@ import importlib.metadata
 
 from . import _rules as _rules  # registers the shared dispatch rules
 from ._base import AbstractAdapter as AbstractAdapter, is_adapter as is_adapter
+from ._dora import DoraArray as DoraArray
+from ._dropout import with_dropout_keys as with_dropout_keys
 from ._filters import partition as partition, trainable_mask as trainable_mask
 from ._io import load_adapter as load_adapter, save_adapter as save_adapter
+from ._loha import LohaArray as LohaArray
+from ._lokr import LokrArray as LokrArray
 from ._lora import LoraArray as LoraArray
 from ._loraify import (
     find_targets as find_targets,

@@ -11,8 +11,16 @@ import quax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling, expand_scaling
+from ._dropout import dropout as apply_dropout
 from ._rules import Dims, join_dims, lowrank_product, product_sharding
-from ._validate import check_dtype, check_key, check_rank, check_scalar, check_weight
+from ._validate import (
+    check_dtype,
+    check_key,
+    check_probability,
+    check_rank,
+    check_scalar,
+    check_weight,
+)
 
 
 Init = Literal["quax", "peft", "gaussian"]
@@ -41,6 +49,8 @@ class LoraArray(AbstractAdapter):
     a: Float[Array, "*batch out rank"]
     b: Float[Array, "*batch rank in"]
     scaling: Float[Array, "*batch"]
+    dropout_key: PRNGKeyArray | None
+    dropout: float = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
 
@@ -59,6 +69,7 @@ class LoraArray(AbstractAdapter):
         rslora: bool = False,
         init: Init = "quax",
         dtype=None,
+        dropout: float = 0.0,
     ):
         """**Arguments:**
 
@@ -79,6 +90,10 @@ class LoraArray(AbstractAdapter):
             initialisation.
         - `dtype`: the factors' dtype (float32 factors on a bfloat16 base, say).
             Defaults to the weight's.
+        - `dropout`: PEFT's `lora_dropout`: the probability of zeroing an element of
+            the input to the low-rank path (`s·a·(b·dropout(x))`; `w·x` sees `x`).
+            Active only while the adapter holds a key, given by
+            [`lora_jax.with_dropout_keys`][]; the identity otherwise.
 
         !!! Example
 
@@ -98,6 +113,7 @@ class LoraArray(AbstractAdapter):
         check_rank(rank)
         check_key(key)
         check_scalar(scale, "scale")
+        check_probability(dropout, "dropout")
         if alpha is not None:
             check_scalar(alpha, "alpha", positive=True)
         if init not in ("quax", "peft", "gaussian"):
@@ -121,6 +137,8 @@ class LoraArray(AbstractAdapter):
         self.a = a
         self.b = b
         self.scaling = as_scaling(lora_scaling(rank, alpha, rslora), tuple(batch))
+        self.dropout = float(dropout)
+        self.dropout_key = None
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
 
@@ -132,7 +150,10 @@ class LoraArray(AbstractAdapter):
         return _delta(self.a, self.b, lax.stop_gradient(self.scaling))
 
     def dot_general(self, other, dims: Dims, params):
-        return _lora_dot(self.w, self.a, self.b, lax.stop_gradient(self.scaling), other, dims, params)
+        return _lora_dot(
+            self.w, self.a, self.b, lax.stop_gradient(self.scaling), other, dims, params,
+            self.dropout_key, self.dropout,
+        )
 
     def factor_specs(self, spec):
         # `a` shares `w`'s `out` axis, `b` its `in` axis; the rank is replicated.
@@ -153,12 +174,13 @@ def _delta(a, b, scaling):
 
 
 @quax.quaxify
-def _lora_dot(w, a, b, scaling, other, dims: Dims, params):
+def _lora_dot(w, a, b, scaling, other, dims: Dims, params, key=None, rate=0.0):
     out = lax.dot_general(w, other, join_dims(*dims), **params) if dims.adapter_lhs else (
         lax.dot_general(other, w, join_dims(*dims), **params)
     )
     a = a * expand_scaling(scaling, a)
     # The caller's `out_sharding` is the result's; the thin products derive theirs.
     sharding = product_sharding(params.get("out_sharding"), out)
+    other = apply_dropout(key, rate, other)
     delta = lowrank_product(a, b, other, dims, params.get("precision"), sharding)
     return out + delta.astype(out.dtype)

@@ -11,6 +11,9 @@ import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._base import is_adapter
+from ._dora import DoraArray
+from ._loha import LohaArray
+from ._lokr import LokrArray
 from ._lora import LoraArray
 from ._sharding import follow_weight
 from ._targets import (
@@ -44,8 +47,44 @@ def _build_lora(weight, *, rank, alpha, key, layer, options):
     return LoraArray(weight, rank=rank, alpha=alpha, key=key, **options)
 
 
+def _build_dora(weight, *, rank, alpha, key, layer, options):
+    del layer
+    return DoraArray(weight, rank=rank, alpha=alpha, key=key, **options)
+
+
+def _lycoris_options(method: str, options: dict) -> dict:
+    """LoKr and LoHa take PEFT's `init_weights`; LoRA's `init`, `scale` and `rslora`
+    do not apply to them."""
+    options = dict(options)
+    options.pop("scale", None)
+    if options.pop("rslora", False):
+        raise ValueError(f"`rslora=True` applies to 'lora' and 'dora', not {method!r}.")
+    init = options.pop("init", "quax")
+    if init != "quax":
+        raise ValueError(
+            f"`init` applies to 'lora' and 'dora'; {method!r} takes PEFT's "
+            f"`init_weights=...` instead, got init={init!r}."
+        )
+    return options
+
+
+def _build_lokr(weight, *, rank, alpha, key, layer, options):
+    del layer
+    return LokrArray(weight, rank=rank, alpha=alpha, key=key, **_lycoris_options("lokr", options))
+
+
+def _build_loha(weight, *, rank, alpha, key, layer, options):
+    del layer
+    return LohaArray(weight, rank=rank, alpha=alpha, key=key, **_lycoris_options("loha", options))
+
+
 # method name -> builder(weight, *, rank, alpha, key, layer, options) -> adapter value.
-METHODS: dict[str, Callable[..., Any]] = {"lora": _build_lora}
+METHODS: dict[str, Callable[..., Any]] = {
+    "lora": _build_lora,
+    "dora": _build_dora,
+    "lokr": _build_lokr,
+    "loha": _build_loha,
+}
 
 
 def _is_candidate(x) -> bool:
@@ -155,7 +194,10 @@ def loraify(
     - `key`: randomness for initialising the factors (split once per adapted layer).
     - `scale`, `allow_materialise`, `stop_gradient`, `alpha`, `rslora`, `init`,
         `dtype`: as for [`lora_jax.LoraArray`][].
-    - `method`: the adapter type. `"lora"` (the default).
+    - `method`: the adapter type: `"lora"` (the default, [`lora_jax.LoraArray`][]),
+        `"dora"` ([`lora_jax.DoraArray`][]), `"lokr"` ([`lora_jax.LokrArray`][]) or
+        `"loha"` ([`lora_jax.LohaArray`][]). LoKr and LoHa take PEFT's options as
+        `method_options` (`init_weights=`, `decompose_both=`, ...) and ignore `scale`.
     - `where`: which layers to adapt, by dotted name built from the PyTree path
         (`layers.0`, `blocks.3.attn.query_proj`): a list of names (each matches
         exactly, or as a suffix at a dot), a regex string (full match), `"all-linear"`
@@ -167,6 +209,8 @@ def loraify(
     - `layers_to_transform`: only layers whose index (the integer in the name, after
         `layers_pattern` if given) is in this list.
     - `layers_pattern`: the name of the list of layers (`"layers"`, `"blocks"`).
+    - `**method_options`: passed on to the method's constructor (LoKr's
+        `decompose_both`, say).
 
     **Returns:**
 

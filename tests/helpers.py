@@ -31,12 +31,35 @@ def dense_lora(w, a, b, scaling):
     return w + s * jnp.einsum("...or,...ri->...oi", a, b)
 
 
+def dense_dora(w, a, b, m, scaling):
+    """DoRA written plainly: m ⊙ V / ‖V‖ with V = w + s·a@b, the norm over the input
+    dimension of each output row and detached from the graph (PEFT's rule)."""
+    v = dense_lora(w, a, b, scaling)
+    norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True)))
+    return m[..., :, None] * v / norm
+
+
+def dense_lokr(w, w1, w2, scaling):
+    """LoKr written plainly: w + s·kron(w1, w2)."""
+    l, p = w1.shape
+    k, q = w2.shape
+    kron = jnp.einsum("ij,kl->ikjl", w1, w2).reshape(l * k, p * q)
+    return w + scaling * kron
+
+
+def dense_loha(w, w1a, w1b, w2a, w2b, scaling):
+    """LoHa written plainly: w + s·(w1a@w1b) ⊙ (w2a@w2b)."""
+    return w + scaling * (w1a @ w1b) * (w2a @ w2b)
+
+
 def randomise_factors(adapter, key):
     """Give every trainable factor random values (an initialised adapter is a no-op,
     which would hide bugs in the products)."""
     fields = type(adapter).trainable_fields
     for field, k in zip(fields, jr.split(key, len(fields))):
         x = getattr(adapter, field)
+        if x is None:
+            continue
         adapter = eqx.tree_at(
             lambda v, f=field: getattr(v, f), adapter, jr.normal(k, x.shape, x.dtype)
         )

@@ -1,0 +1,315 @@
+"""LoKr: `w + s·(w1 ⊗ w2)`, computed as `w·x + s·(w1 ⊗ w2)·x` by reshaping `x`, never
+forming the Kronecker product."""
+
+import math
+from typing import Literal
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import quax
+from jaxtyping import Array, Float, PRNGKeyArray, Shaped
+
+from ._base import AbstractAdapter, as_scaling
+from ._dropout import module_keep, unit_mask
+from ._rules import Dims, join_dims
+from ._validate import (
+    check_dtype,
+    check_key,
+    check_probability,
+    check_rank,
+    check_scalar,
+    check_weight,
+)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """PEFT's (and LyCORIS') split of `dimension` into two factors `(p, q)`,
+    `p * q == dimension`.
+
+    With `factor > 0` dividing `dimension`: `(factor, dimension // factor)`. Otherwise
+    the divisor pair closest to the square root, the smaller first, with the smaller
+    one at most `factor` when `factor > 0` (so `(1, dimension)` if no divisor fits).
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    best = 1
+    d = 1
+    while d * d <= dimension:
+        if dimension % d == 0 and d <= limit:
+            best = d
+        d += 1
+    # A pair (p, q) with p > sqrt is the same pair swapped, so the search stops at sqrt.
+    return best, dimension // best
+
+
+def _kaiming(key, shape, dtype):
+    """PyTorch's `kaiming_uniform_(a=sqrt(5))` on a 2-D tensor: `U(±1/sqrt(fan_in))`,
+    `fan_in = shape[1]`."""
+    bound = 1 / math.sqrt(shape[1])
+    return jr.uniform(key, shape, dtype, -bound, bound)
+
+
+class LokrArray(AbstractAdapter):
+    """Low-rank Kronecker product adaptation (LoKr, PEFT's / LyCORIS') of a matrix
+    `w ∈ R^{n×m}`: `w + s·(w1 ⊗ w2)`, with `w1 ∈ R^{l×p}`, `w2 ∈ R^{k×q}`, `n = l·k`,
+    `m = p·q` split by [`lora_jax.factorization`][]-style rules, and `s = alpha / r`.
+
+    `w1` is held as `w1_a @ w1_b` (rank `r`) when `decompose_both` and
+    `r < max(l, p) / 2`; `w2` as `w2_a @ w2_b` when `r < max(k, q) / 2`; otherwise in
+    full. The unused fields are `None`. Parameter counts and the merged update equal
+    PEFT's for the same configuration.
+
+    The Kronecker product is never formed: the contracted dimension of `x` is reshaped
+    into `(p, q)` and contracted with `w2` and `w1` in turn, in an order that leaves the
+    result in `dot_general`'s layout. Only a plain matrix (no stacked leading
+    dimensions) is supported.
+    """
+
+    _w: Shaped[Array, "out in"]
+    w1: Float[Array, "l p"] | None
+    w1_a: Float[Array, "l rank"] | None
+    w1_b: Float[Array, "rank p"] | None
+    w2: Float[Array, "k q"] | None
+    w2_a: Float[Array, "k rank"] | None
+    w2_b: Float[Array, "rank q"] | None
+    scaling: Float[Array, ""]
+    dropout_key: PRNGKeyArray | None
+    r: int = eqx.field(static=True)
+    rank_dropout: float = eqx.field(static=True)
+    module_dropout: float = eqx.field(static=True)
+    rank_dropout_scale: bool = eqx.field(static=True)
+    # Whether the stored matrix is the transpose of the adapted one (the factors stay
+    # in the adapted matrix's layout).
+    transposed: bool = eqx.field(static=True)
+    stop_gradient: bool = eqx.field(static=True)
+    allow_materialise: bool = eqx.field(static=True)
+
+    trainable_fields = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+
+    def __init__(
+        self,
+        weight: Shaped[Array, "out in"],
+        *,
+        rank: int,
+        key: PRNGKeyArray,
+        alpha: float | None = None,
+        decompose_both: bool = False,
+        decompose_factor: int = -1,
+        init_weights: bool | Literal["lycoris"] = True,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        rank_dropout_scale: bool = False,
+        use_effective_conv2d: bool = False,
+        dtype=None,
+        allow_materialise: bool = False,
+        stop_gradient: bool = True,
+    ):
+        """**Arguments:**
+
+        - `weight`: the original weight, of shape `(out, in)`.
+        - `rank`: PEFT's `r`.
+        - `key`: randomness for initialising the factors.
+        - `alpha`: the scaling is `alpha / rank`. `None` (the default) means a scaling
+            of `1` (PEFT's default `alpha == r`).
+        - `decompose_both`: also hold `w1` as a rank-`r` product.
+        - `decompose_factor`: `-1` (the default) splits each dimension near its square
+            root; a positive integer splits it as `(factor, dim // factor)` when it
+            divides, as PEFT does.
+        - `init_weights`: PEFT's: `True` (`w1` or `w1_a` zero, the rest Kaiming-uniform:
+            a no-op), `"lycoris"` (`w2` or `w2_b` zero: a no-op) or `False` (all
+            Kaiming-uniform: not a no-op).
+        - `rank_dropout`: PEFT's: the probability of zeroing each output row of the
+            update (divided by the mean of the mask if `rank_dropout_scale`).
+        - `module_dropout`: PEFT's: the probability of skipping the update entirely.
+        - `rank_dropout_scale`: see `rank_dropout`.
+
+            Both dropouts act only while the adapter holds a key (see
+            [`lora_jax.with_dropout_keys`][]); they are the identity otherwise.
+        - `use_effective_conv2d`: accepted for PEFT's configuration surface; it only
+            concerns convolutions and has no effect on a matrix.
+        - `dtype`: the factors' dtype. Defaults to the weight's.
+        - `allow_materialise`, `stop_gradient`: as for [`lora_jax.LoraArray`][].
+
+        !!! Example
+
+            ```python
+            import jax.numpy as jnp
+            import jax.random as jr
+            import quax
+            import lora_jax as lora
+
+            w = jr.normal(jr.key(0), (8, 6))
+            lw = lora.LokrArray(w, rank=2, key=jr.key(1))
+            x = jnp.ones(6)
+            assert jnp.allclose(quax.quaxify(jnp.matmul)(lw, x), w @ x)
+            ```
+        """
+        check_weight(weight, "weight")
+        if len(weight.shape) != 2:
+            raise ValueError(
+                "`weight` must be a matrix `(out, in)` for LoKr; stacked weights of shape "
+                f"{tuple(weight.shape)} are not supported (adapt each layer separately)."
+            )
+        rank = check_rank(rank)
+        check_key(key)
+        if alpha is not None:
+            check_scalar(alpha, "alpha", positive=True)
+        for name, flag in (
+            ("decompose_both", decompose_both),
+            ("rank_dropout_scale", rank_dropout_scale),
+            ("use_effective_conv2d", use_effective_conv2d),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
+        if isinstance(decompose_factor, bool) or not isinstance(decompose_factor, int) or not (
+            decompose_factor == -1 or decompose_factor > 0
+        ):
+            raise ValueError(
+                f"`decompose_factor` must be -1 or a positive integer, got {decompose_factor!r}."
+            )
+        if not (init_weights is True or init_weights is False or init_weights == "lycoris"):
+            raise ValueError(
+                f"`init_weights` must be True, False or 'lycoris', got {init_weights!r}."
+            )
+        check_probability(rank_dropout, "rank_dropout")
+        check_probability(module_dropout, "module_dropout")
+        dtype = check_dtype(dtype, weight.dtype)
+        out, inp = weight.shape
+        l, k = factorization(out, decompose_factor)
+        p, q = factorization(inp, decompose_factor)
+        full_w1 = not (decompose_both and rank < max(l, p) / 2)
+        full_w2 = not (rank < max(k, q) / 2)
+        k1, k2, k3, k4 = jr.split(key, 4)
+        zero_w1 = init_weights is True
+        zero_w2 = init_weights == "lycoris"
+        zeros = lambda shape: jnp.zeros(shape, dtype)
+        self.w1 = self.w1_a = self.w1_b = None
+        self.w2 = self.w2_a = self.w2_b = None
+        if full_w1:
+            self.w1 = zeros((l, p)) if zero_w1 else _kaiming(k1, (l, p), dtype)
+        else:
+            self.w1_a = zeros((l, rank)) if zero_w1 else _kaiming(k1, (l, rank), dtype)
+            self.w1_b = _kaiming(k2, (rank, p), dtype)
+        if full_w2:
+            self.w2 = zeros((k, q)) if zero_w2 else _kaiming(k3, (k, q), dtype)
+        else:
+            self.w2_a = _kaiming(k3, (k, rank), dtype)
+            self.w2_b = zeros((rank, q)) if zero_w2 else _kaiming(k4, (rank, q), dtype)
+        self._w = weight
+        self.scaling = as_scaling(1.0 if alpha is None else alpha / rank)
+        self.r = rank
+        self.rank_dropout = float(rank_dropout)
+        self.module_dropout = float(module_dropout)
+        self.rank_dropout_scale = rank_dropout_scale
+        self.dropout_key = None
+        self.transposed = False
+        self.stop_gradient = stop_gradient
+        self.allow_materialise = allow_materialise
+
+    @property
+    def rank(self) -> int:
+        return self.r
+
+    def factors(self) -> tuple[Array, Array]:
+        """`(w1, w2)` as matrices (small: each about the square root of `w`'s size)."""
+        return _factors(self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b)
+
+    def delta(self) -> Array:
+        w1, w2 = self.factors()
+        d = jnp.kron(w1, w2) * lax.stop_gradient(self.scaling).astype(w1.dtype)
+        return d.T if self.transposed else d
+
+    def dot_general(self, other, dims: Dims, params):
+        w1, w2 = self.factors()
+        rows = keep = None
+        if self.dropout_key is not None:
+            k_rank, k_module = jr.split(self.dropout_key)
+            if self.rank_dropout > 0:
+                rows = unit_mask(k_rank, self.rank_dropout, (w1.shape[0] * w2.shape[0],),
+                                 w1.dtype, rescale=self.rank_dropout_scale)
+            if self.module_dropout > 0:
+                keep = module_keep(k_module, self.module_dropout, (), w1.dtype)
+        return _lokr_dot(
+            self.w, w1, w2, lax.stop_gradient(self.scaling), self.transposed, other, dims,
+            params, rows, keep,
+        )
+
+    def transpose(self, permutation, *, swap):
+        w = quax.quaxify(lambda x: lax.transpose(x, permutation))(self._w)
+        new = eqx.tree_at(lambda v: v._w, self, w)
+        # A static field: set on the fresh copy `tree_at` made.
+        object.__setattr__(new, "transposed", self.transposed != swap)
+        return new
+
+
+def _factors(w1, w1_a, w1_b, w2, w2_a, w2_b):
+    if w1 is None:
+        w1 = w1_a @ w1_b
+    if w2 is None:
+        w2 = w2_a @ w2_b
+    return w1, w2
+
+
+@quax.quaxify
+def _lokr_dot(w, w1, w2, scaling, transposed, other, dims: Dims, params, rows=None, keep=None):
+    """`rows`: a rank-dropout mask over the adapted matrix's output rows; `keep`: the
+    module-dropout scalar; `None` when off."""
+    dn = join_dims(*dims)
+    out = lax.dot_general(w, other, dn, **params) if dims.adapter_lhs else (
+        lax.dot_general(other, w, dn, **params)
+    )
+    w1 = w1 * scaling.astype(w1.dtype)
+    if keep is not None:
+        w1 = w1 * keep
+    if other.dtype != w1.dtype:
+        other = other.astype(w1.dtype)
+    precision = params.get("precision")
+    if len(dims.adapter_contract) == 1 and not dims.adapter_batch:
+        # The stored dimension contracted, seen on the factors (their layout is the
+        # adapted matrix's, the stored one may be its transpose).
+        c = dims.adapter_contract[0] ^ int(transposed)
+        e = dims.other_contract[0]
+        if rows is not None and c == 0:
+            # The masked rows are contracted: mask `x` along them instead.
+            shape = [1] * other.ndim
+            shape[e] = rows.shape[0]
+            other = other * rows.reshape(shape)
+        delta = _kron_apply(w1, w2, c, other, e, dims.adapter_lhs, precision)
+        if rows is not None and c == 1:
+            shape = [1] * delta.ndim
+            shape[0 if dims.adapter_lhs else -1] = rows.shape[0]
+            delta = delta * rows.reshape(shape)
+    else:
+        # Fallback, for products that contract both dimensions of the matrix or batch
+        # over one: form the update `s·(w1 ⊗ w2)` alone (never `w + Δ`).
+        d = jnp.kron(w1, w2)
+        if rows is not None:
+            d = d * rows[:, None]
+        d = d.T if transposed else d
+        delta = lax.dot_general(d, other, dn, precision=precision) if dims.adapter_lhs else (
+            lax.dot_general(other, d, dn, precision=precision)
+        )
+    return out + delta.astype(out.dtype)
+
+
+def _kron_apply(w1, w2, c: int, x, e: int, adapter_lhs: bool, precision):
+    """`dot_general(w1 ⊗ w2, x)` contracting the Kronecker product's dimension `c` with
+    `x`'s dimension `e`, in `dot_general`'s layout: `(free, *x_free)` if `adapter_lhs`
+    else `(*x_free, free)`. `x`'s dimension `e` is split in place, never moved."""
+    f = 1 - c
+    p1, p2 = w1.shape[c], w2.shape[c]
+    q1, q2 = w1.shape[f], w2.shape[f]
+    x = x.reshape(x.shape[:e] + (p1, p2) + x.shape[e + 1 :])
+    dot = lambda l, r, lc, rc: lax.dot_general(l, r, (((lc,), (rc,)), ((), ())), precision=precision)
+    if adapter_lhs:
+        # (q2, *x with p2 gone) then (q1, q2, *x_free).
+        t = dot(w2, x, c, e + 1)
+        u = dot(w1, t, c, 1 + e)
+        return u.reshape((q1 * q2,) + u.shape[2:])
+    # (*x with p1 gone, q1) then (*x_free, q1, q2).
+    t = dot(x, w1, e, c)
+    u = dot(t, w2, e, c)
+    return u.reshape(u.shape[:-2] + (q1 * q2,))

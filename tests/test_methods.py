@@ -1,0 +1,433 @@
+"""One table of adapter variants (method × options), each run through the same checks
+against the method's dense formula (tests/helpers.py)."""
+
+import math
+from dataclasses import dataclass, field
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+import quax
+
+import lora_jax as lora
+
+from .helpers import (
+    dense_dora,
+    dense_lokr,
+    dense_loha,
+    dense_lora,
+    randomise_factors,
+    tree_allclose,
+)
+
+
+OUT, IN = 16, 24  # LoKr splits these as (4, 4) and (4, 6)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    method: str
+    rank: int
+    options: dict = field(default_factory=dict)
+    alpha: float | None = 4.0
+    noop: bool = True  # whether the adapter is a no-op at initialisation
+    stacked: bool = True  # whether stacked (leading-dimension) weights are supported
+
+    def build(self, w, key):
+        cls = {
+            "lora": lora.LoraArray,
+            "dora": lora.DoraArray,
+            "lokr": lora.LokrArray,
+            "loha": lora.LohaArray,
+        }[self.method]
+        return cls(w, rank=self.rank, alpha=self.alpha, key=key, **self.options)
+
+
+VARIANTS = [
+    Variant("lora", "lora", 3),
+    Variant("lora-rslora", "lora", 3, {"rslora": True}),
+    Variant("lora-peft-init", "lora", 2, {"init": "peft"}),
+    Variant("dora", "dora", 3),
+    Variant("dora-rslora-peft", "dora", 2, {"rslora": True, "init": "peft"}),
+    Variant("lokr", "lokr", 2, stacked=False),
+    Variant("lokr-full-w2", "lokr", 4, stacked=False),
+    Variant("lokr-decompose-both", "lokr", 1, {"decompose_both": True}, stacked=False),
+    Variant("lokr-factor", "lokr", 2, {"decompose_factor": 2}, stacked=False),
+    Variant("lokr-lycoris", "lokr", 2, {"init_weights": "lycoris"}, stacked=False),
+    Variant("lokr-random", "lokr", 2, {"init_weights": False}, noop=False, stacked=False),
+    Variant("loha", "loha", 2),
+    Variant("loha-random", "loha", 3, {"init_weights": False}, noop=False),
+]
+IDS = [v.name for v in VARIANTS]
+
+
+def dense(v):
+    """The adapted matrix written plainly from the adapter's own fields."""
+    if isinstance(v, lora.LoraArray):
+        return dense_lora(v._w, v.a, v.b, v.scaling)
+    if isinstance(v, lora.DoraArray):
+        return dense_dora(v._w, v.a, v.b, v.m, v.scaling)
+    if isinstance(v, lora.LokrArray):
+        w1 = v.w1 if v.w1 is not None else v.w1_a @ v.w1_b
+        w2 = v.w2 if v.w2 is not None else v.w2_a @ v.w2_b
+        return dense_lokr(v._w, w1, w2, v.scaling)
+    if isinstance(v, lora.LohaArray):
+        return dense_loha(v._w, v.w1a, v.w1b, v.w2a, v.w2b, v.scaling)
+    raise TypeError(type(v))
+
+
+def trainable(v) -> dict:
+    return {f: getattr(v, f) for f in type(v).trainable_fields if getattr(v, f) is not None}
+
+
+def with_fields(v, fields: dict):
+    names = list(fields)
+    return eqx.tree_at(lambda x: [getattr(x, n) for n in names], v, [fields[n] for n in names])
+
+
+def _factorization(dim, factor=-1):
+    """PEFT's split, by brute force: (factor, dim // factor) if it divides, else the
+    largest divisor at most sqrt(dim) (and at most `factor`), paired."""
+    if factor > 0 and dim % factor == 0:
+        return factor, dim // factor
+    limit = dim if factor == -1 else factor
+    m = max(d for d in range(1, dim + 1) if dim % d == 0 and d * d <= dim and d <= limit)
+    return m, dim // m
+
+
+def peft_param_count(variant: Variant, out: int, inp: int) -> int:
+    """Trainable parameters of one adapted `Linear(inp, out)`, PEFT's formulas."""
+    r = variant.rank
+    if variant.method == "lora":
+        return r * (out + inp)
+    if variant.method == "dora":
+        return r * (out + inp) + out
+    if variant.method == "loha":
+        return 2 * r * (out + inp)
+    factor = variant.options.get("decompose_factor", -1)
+    l, k = _factorization(out, factor)
+    p, q = _factorization(inp, factor)
+    if variant.options.get("decompose_both", False) and r < max(l, p) / 2:
+        n1 = r * (l + p)
+    else:
+        n1 = l * p
+    n2 = r * (k + q) if r < max(k, q) / 2 else k * q
+    return n1 + n2
+
+
+def _adapter(variant, getkey, shape=(OUT, IN)):
+    w = jr.normal(getkey(), shape)
+    return randomise_factors(variant.build(w, getkey()), getkey())
+
+
+FORMS = {
+    "x@W.T": lambda w, x: x @ w.T,
+    "W@x.T": lambda w, x: w @ x.T,
+    "vmap W@x": lambda w, x: jax.vmap(lambda v: w @ v)(x),
+    "vmap out-axis": lambda w, x: jax.vmap(lambda v: w @ v, out_axes=1)(x),
+    "einsum": lambda w, x: jnp.einsum("oi,bi->ob", w, x),
+    # Contracts the output units: DoRA's fallback, LoKr's transposed product.
+    "y@W": lambda w, x: (x @ w.T) @ w,
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_forward_matches_dense(variant, form, getkey):
+    v = _adapter(variant, getkey)
+    x = jr.normal(getkey(), (5, IN))
+    fn = FORMS[form]
+    got = jax.jit(quax.quaxify(fn))(v, x)
+    np.testing.assert_allclose(got, fn(dense(v), x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_gradients_match_dense(variant, getkey):
+    v = _adapter(variant, getkey)
+    x = jr.normal(getkey(), (5, IN))
+
+    def loss(fields, x):
+        out = quax.quaxify(lambda w, x: x @ w.T)(with_fields(v, fields), x)
+        return jnp.sum(jnp.sin(out))
+
+    def dense_loss(fields, x):
+        return jnp.sum(jnp.sin(x @ dense(with_fields(v, fields)).T))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(trainable(v), x)
+    expected = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))(trainable(v), x)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        # float32 sums of O(50) terms: tolerance relative to the largest entry.
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * (1 + np.abs(e).max()))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_init_is_noop(variant, getkey):
+    w = jr.normal(getkey(), (OUT, IN))
+    v = variant.build(w, getkey())
+    x = jr.normal(getkey(), (3, IN))
+    got = jax.jit(quax.quaxify(lambda w, x: x @ w.T))(v, x)
+    np.testing.assert_allclose(got, x @ dense(v).T, rtol=1e-5, atol=1e-5)
+    if variant.noop:
+        np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
+    else:
+        assert not np.allclose(got, x @ w.T, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_materialise_equals_forward(variant, getkey):
+    model = eqx.nn.Linear(IN, OUT, key=getkey())
+    model = lora.loraify(model, rank=variant.rank, alpha=variant.alpha, key=getkey(),
+                         method=variant.method, **variant.options)
+    model = eqx.tree_at(lambda m: m.weight, model, randomise_factors(model.weight, getkey()))
+    x = jr.normal(getkey(), (IN,))
+    merged = lora.materialise(model)
+    assert not lora.is_adapter(merged.weight)
+    np.testing.assert_allclose(
+        eqx.filter_jit(quax.quaxify(model))(x), merged(x), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(merged.weight, dense(model.weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_training_lowers_loss_with_frozen_base(variant, getkey):
+    model = eqx.nn.Linear(IN, OUT, key=getkey())
+    model = lora.loraify(model, rank=variant.rank, alpha=variant.alpha, key=getkey(),
+                         method=variant.method, **variant.options)
+    # A reachable target: the same adapter with its trainable fields moved at random.
+    fields = trainable(model.weight)
+    keys = dict(zip(fields, jr.split(getkey(), len(fields))))
+    teacher = with_fields(
+        model.weight, {f: x + 0.3 * jr.normal(keys[f], x.shape) for f, x in fields.items()}
+    )
+    x = jr.normal(getkey(), (32, IN))
+    y = x @ dense(teacher).T + model.bias[None]
+    params, frozen = lora.partition(model)
+    opt = optax.adam(1e-2)
+    with jax.numpy_dtype_promotion("standard"):
+        state = opt.init(params)
+
+    def loss(params):
+        m = eqx.combine(params, frozen)
+        return jnp.mean((jax.vmap(quax.quaxify(m))(x) - y) ** 2)
+
+    @jax.jit
+    def step(params, state):
+        value, grads = jax.value_and_grad(loss)(params)
+        with jax.numpy_dtype_promotion("standard"):  # optax's own arithmetic
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, value
+
+    first = loss(params)
+    for _ in range(40):
+        params, state, _ = step(params, state)
+    assert loss(params) < 0.5 * first
+    trained = eqx.combine(params, frozen)
+    np.testing.assert_array_equal(trained.weight._w, model.weight._w)
+    np.testing.assert_array_equal(trained.bias, model.bias)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_parameter_count_matches_peft(variant, getkey):
+    mlp = eqx.nn.MLP(IN, OUT, width_size=OUT, depth=1, key=getkey())
+    model = lora.loraify(mlp, rank=variant.rank, alpha=variant.alpha, key=getkey(),
+                         method=variant.method, **variant.options)
+    expected = peft_param_count(variant, OUT, IN) + peft_param_count(variant, OUT, OUT)
+    assert lora.summary(model).trainable == expected
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_stacked_weights(variant, getkey):
+    w = jr.normal(getkey(), (3, OUT, IN))
+    if not variant.stacked:
+        with pytest.raises(ValueError, match="`weight`"):
+            variant.build(w, getkey())
+        return
+    v = randomise_factors(variant.build(w, getkey()), getkey())
+    d = _stack_dense(v)
+    x = jr.normal(getkey(), (3, IN))
+    fn = lambda w, x: jax.vmap(lambda wi, xi: wi @ xi)(w, x)
+    np.testing.assert_allclose(jax.jit(quax.quaxify(fn))(v, x), fn(d, x), rtol=1e-4, atol=1e-4)
+    fn2 = lambda w, x: jnp.einsum("loi,bi->lbo", w, x)
+    np.testing.assert_allclose(jax.jit(quax.quaxify(fn2))(v, x), fn2(d, x), rtol=1e-4, atol=1e-4)
+
+
+def _stack_dense(v):
+    n = v.shape[0]
+    out = []
+    for i in range(n):
+        vi = jax.tree.map(lambda x: x if x.ndim == 0 else x[i], v)
+        out.append(dense(vi))
+    return jnp.stack(out)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
+def test_multihead_attention(variant, getkey):
+    mha = eqx.nn.MultiheadAttention(num_heads=2, query_size=OUT, key=getkey())
+    model = lora.loraify(mha, rank=variant.rank, alpha=variant.alpha, key=getkey(),
+                         method=variant.method, **variant.options)
+    leaves, treedef = jax.tree.flatten(model, is_leaf=lora.is_adapter)
+    assert sum(map(lora.is_adapter, leaves)) == 4
+    model = jax.tree.unflatten(
+        treedef,
+        [randomise_factors(x, jr.fold_in(getkey(), i)) if lora.is_adapter(x) else x
+         for i, x in enumerate(leaves)],
+    )
+    q = jr.normal(getkey(), (5, OUT))
+    kv = jr.normal(getkey(), (7, OUT))
+    got = eqx.filter_jit(quax.quaxify(model))(q, kv, kv)
+    expected = lora.materialise(model)(q, kv, kv)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, mha(q, kv, kv), atol=1e-3)
+
+
+def test_lokr_factorization_matches_peft_examples():
+    from lora_jax._lokr import factorization
+
+    # The examples in PEFT's docstring, and the unsorted divisible case.
+    assert factorization(256) == (16, 16)
+    assert factorization(128) == (8, 16)
+    assert factorization(127) == (1, 127)
+    assert factorization(128, 4) == (4, 32)
+    assert factorization(12, 4) == (4, 3)
+    for dim in range(1, 200):
+        for factor in (-1, 1, 2, 3, 5, 8):
+            assert factorization(dim, factor) == _factorization(dim, factor), (dim, factor)
+
+
+def test_lokr_init_weights_zero_the_right_factor(getkey):
+    w = jr.normal(getkey(), (OUT, IN))
+    v = lora.LokrArray(w, rank=1, decompose_both=True, key=getkey())
+    assert v.w1 is None and not np.any(v.w1_a) and np.all(v.w1_b != 0)
+    assert v.w2 is None and np.all(v.w2_a != 0) and np.all(v.w2_b != 0)
+    v = lora.LokrArray(w, rank=1, decompose_both=True, init_weights="lycoris", key=getkey())
+    assert np.all(v.w1_a != 0) and not np.any(v.w2_b) and np.all(v.w2_a != 0)
+    # Kaiming-uniform(a=sqrt(5)) bounds: 1/sqrt(fan_in).
+    assert np.abs(v.w1_b).max() <= 1 / math.sqrt(v.w1_b.shape[1])
+
+
+def test_dora_magnitude_starts_at_row_norms(getkey):
+    w = jr.normal(getkey(), (2, OUT, IN))
+    v = lora.DoraArray(w, rank=2, init="peft", key=getkey())
+    np.testing.assert_allclose(v.m, jnp.linalg.norm(w, axis=-1), rtol=1e-5)
+    v = randomise_factors(v, getkey())
+    np.testing.assert_allclose(
+        v.norm(), jnp.linalg.norm(dense_lora(w, v.a, v.b, v.scaling), axis=-1), rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "method, options, match",
+    [
+        ("lokr", {"init": "peft"}, "`init`"),
+        ("lokr", {"rslora": True}, "`rslora=True`"),
+        ("lokr", {"decompose_factor": 0}, "`decompose_factor`"),
+        ("lokr", {"init_weights": "gaussian"}, "`init_weights`"),
+        ("lokr", {"rank_dropout": 1.5}, "`rank_dropout`"),
+        ("loha", {"module_dropout": 1.0}, "`module_dropout`"),
+        ("lora", {"dropout": -0.5}, "`dropout`"),
+        ("loha", {"init": "gaussian"}, "`init`"),
+    ],
+)
+def test_bad_options_raise(method, options, match, getkey):
+    with pytest.raises((ValueError, TypeError), match=match):
+        lora.loraify(eqx.nn.Linear(IN, OUT, key=getkey()), rank=2, key=getkey(),
+                     method=method, **options)
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout: the identity without a key; with one, the dense formula with the same masks.
+# ---------------------------------------------------------------------------------------
+
+
+def _keep(key, rate, shape):
+    return jr.bernoulli(key, 1 - rate, shape).astype(jnp.float32)
+
+
+def _dense_dropout_forward(v, x):
+    """`x @ w'.T` under dropout, written plainly from PEFT's definitions, drawing the
+    masks from the adapter's key as the documented rule does."""
+    key = v.dropout_key
+    if isinstance(v, lora.LoraArray):
+        xd = x * _keep(key, v.dropout, x.shape) / (1 - v.dropout)
+        return x @ v._w.T + v.scaling * (xd @ (v.a @ v.b).T)
+    if isinstance(v, lora.DoraArray):
+        xd = x * _keep(key, v.dropout, x.shape) / (1 - v.dropout)
+        g = v.m / jnp.linalg.norm(dense_lora(v._w, v.a, v.b, v.scaling), axis=-1)
+        return (x @ v._w.T + (g - 1)[None] * (xd @ v._w.T)
+                + g[None] * v.scaling * (xd @ (v.a @ v.b).T))
+    k_rank, k_module = jr.split(key)
+    if isinstance(v, lora.LokrArray):
+        delta = dense_lokr(jnp.zeros_like(v._w), *v.factors(), v.scaling)
+        rescale = v.rank_dropout_scale
+    else:
+        delta = dense_loha(jnp.zeros_like(v._w), v.w1a, v.w1b, v.w2a, v.w2b, v.scaling)
+        rescale = True
+    rows = _keep(k_rank, v.rank_dropout, (OUT,)) if v.rank_dropout else jnp.ones(OUT)
+    if rescale and v.rank_dropout:
+        rows = rows / jnp.mean(rows)
+    keep = _keep(k_module, v.module_dropout, ()) if v.module_dropout else jnp.ones(())
+    return x @ v._w.T + keep * (x @ (rows[:, None] * delta).T)
+
+
+DROPOUT_VARIANTS = [
+    Variant("lora-dropout", "lora", 3, {"dropout": 0.5}),
+    Variant("dora-dropout", "dora", 3, {"dropout": 0.5}),
+    Variant("lokr-rank-dropout", "lokr", 2, {"rank_dropout": 0.5}),
+    Variant("lokr-rank-dropout-scale", "lokr", 2, {"rank_dropout": 0.5, "rank_dropout_scale": True}),
+    Variant("lokr-module-dropout", "lokr", 2, {"module_dropout": 0.5, "rank_dropout": 0.3}),
+    Variant("loha-rank-dropout", "loha", 2, {"rank_dropout": 0.5}),
+    Variant("loha-module-dropout", "loha", 2, {"module_dropout": 0.5}),
+]
+
+
+@pytest.mark.parametrize("variant", DROPOUT_VARIANTS, ids=[v.name for v in DROPOUT_VARIANTS])
+def test_dropout(variant, getkey):
+    v = _adapter(variant, getkey)
+    x = jr.normal(getkey(), (6, IN))
+    fn = jax.jit(quax.quaxify(lambda w, x: x @ w.T))
+    # No key: the identity (inference).
+    np.testing.assert_allclose(fn(v, x), x @ dense(v).T, rtol=1e-4, atol=1e-4)
+    outs = []
+    for seed in range(4):
+        vk = lora.with_dropout_keys(v, jr.key(seed))
+        got = fn(vk, x)
+        np.testing.assert_allclose(got, _dense_dropout_forward(vk, x), rtol=1e-4, atol=1e-4)
+        outs.append(got)
+    # The masks differ from key to key.
+    assert any(not np.allclose(outs[0], o) for o in outs[1:])
+    # Taking the keys away again restores inference.
+    np.testing.assert_allclose(fn(lora.with_dropout_keys(vk, None), x), fn(v, x))
+
+
+def test_dropout_in_a_training_step(getkey):
+    mlp = eqx.nn.MLP(IN, OUT, width_size=OUT, depth=2, key=getkey())
+    model = lora.loraify(mlp, rank=2, key=getkey(), dropout=0.3)
+    params, frozen = lora.partition(model)
+    x = jr.normal(getkey(), (8, IN))
+
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def loss(params, key):
+        m = lora.with_dropout_keys(eqx.combine(params, frozen), key)
+        keys = [l.weight.dropout_key for l in m.layers]
+        assert all(k is not None for k in keys)
+        return jnp.sum(quax.quaxify(lambda m, x: jax.vmap(lambda xi: m(xi))(x))(m, x) ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+    g1, g2 = grad(params, jr.key(1)), grad(params, jr.key(2))
+    assert not tree_allclose(g1, g2)
+    assert tree_allclose(g1, grad(params, jr.key(1)))
+
+
+def test_dropout_arguments_are_checked(getkey):
+    w = jr.normal(getkey(), (OUT, IN))
+    with pytest.raises(ValueError, match="`dropout`"):
+        lora.LoraArray(w, rank=2, dropout=1.0, key=getkey())
+    with pytest.raises(ValueError, match="`rank_dropout`"):
+        lora.LokrArray(w, rank=2, rank_dropout=-0.1, key=getkey())
+    with pytest.raises(TypeError, match="`key`"):
+        lora.with_dropout_keys(lora.LoraArray(w, rank=2, key=getkey()), 3)
