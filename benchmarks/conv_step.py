@@ -6,7 +6,7 @@ images 32×32; LoRA rank 8 on every conv. The step is forward + gradient of the 
 model's forward plus the gradient with respect to its input (`jax.vjp` wrt the input
 only; no weight gradients). Runs are interleaved; the median of each is reported.
 
-    python benchmarks/conv_step.py [--form peft|balanced] [--runs 20]
+    PYTHONPATH=. python benchmarks/conv_step.py [--form peft|balanced] [--runs 20]
 """
 
 import argparse
@@ -64,19 +64,20 @@ def main():
     opt = optax.adam(1e-3)
     state = opt.init(params)
 
-    def loss_fn(params):
+    # Everything is an argument: a closed-over array would be a constant XLA may fold.
+    def loss_fn(params, frozen, x, target):
         m = eqx.combine(params, frozen)
         y = quax.quaxify(lambda m, x: jax.vmap(m)(x))(m, x)
         return jnp.mean((y - target) ** 2)
 
     @eqx.filter_jit
-    def lora_step(params, state):
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+    def lora_step(params, state, frozen, x, target):
+        loss, grads = jax.value_and_grad(loss_fn)(params, frozen, x, target)
         updates, state = opt.update(grads, state, params)
         return eqx.apply_updates(params, updates), state, loss
 
     @eqx.filter_jit
-    def floor(net, x):
+    def floor(net, x, target):
         y, vjp = jax.vjp(lambda x: jax.vmap(net)(x), x)
         (dx,) = vjp(2 * (y - target) / y.size)
         return y, dx
@@ -86,8 +87,8 @@ def main():
         jax.block_until_ready(fn())
         return time.perf_counter() - t
 
-    step = lambda: lora_step(params, state)
-    base = lambda: floor(net, x)
+    step = lambda: lora_step(params, state, frozen, x, target)
+    base = lambda: floor(net, x, target)
     for _ in range(3):  # compile and warm up
         timed(step)
         timed(base)
