@@ -11,6 +11,8 @@ import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._base import is_adapter
+from ._conv import LoraConvArray
+from ._embedding import LoraEmbeddingArray
 from ._dora import DoraArray
 from ._loha import LohaArray
 from ._lokr import LokrArray
@@ -36,15 +38,50 @@ class LayerKind:
 
     type: type
     field: str = "weight"
+    # Whether `where=None` adapts it. Only `Linear` does, as quax's `loraify`; other
+    # kinds are adapted when `where` names them.
+    default: bool = True
 
+
+_CONVS = (
+    eqx.nn.Conv,
+    eqx.nn.Conv1d,
+    eqx.nn.Conv2d,
+    eqx.nn.Conv3d,
+    eqx.nn.ConvTranspose,
+    eqx.nn.ConvTranspose1d,
+    eqx.nn.ConvTranspose2d,
+    eqx.nn.ConvTranspose3d,
+)
 
 # The layers loraify can adapt, by type. Later layer kinds register here.
-LAYERS: dict[type, LayerKind] = {eqx.nn.Linear: LayerKind(eqx.nn.Linear)}
+LAYERS: dict[type, LayerKind] = {
+    eqx.nn.Linear: LayerKind(eqx.nn.Linear),
+    **{c: LayerKind(c, default=False) for c in _CONVS},
+    eqx.nn.Embedding: LayerKind(eqx.nn.Embedding, default=False),
+}
 
 
 def _build_lora(weight, *, rank, alpha, key, layer, options):
-    del layer
+    options = dict(options)
+    conv_form = options.pop("conv_form", "peft")
+    if isinstance(layer, (eqx.nn.Conv, eqx.nn.ConvTranspose)):
+        return LoraConvArray(
+            weight, rank=rank, alpha=alpha, key=key, conv_form=conv_form, **options
+        )
+    if isinstance(layer, eqx.nn.Embedding):
+        return LoraEmbeddingArray(weight, rank=rank, alpha=alpha, key=key, **options)
     return LoraArray(weight, rank=rank, alpha=alpha, key=key, **options)
+
+
+def _linear_only(method: str, name: str, layer) -> None:
+    if not isinstance(layer, eqx.nn.Linear):
+        raise ValueError(
+            f"`method={method!r}` adapts eqx.nn.Linear layers, but `where` selects "
+            f"{name!r}, an {type(layer).__name__}; {type(layer).__name__} "
+            "layers take `method='lora'`. Leave them out of `where` or adapt them in a "
+            "second `loraify` call with `method='lora'`."
+        )
 
 
 def _build_dora(weight, *, rank, alpha, key, layer, options):
@@ -110,7 +147,10 @@ def find_targets(
         if _is_candidate(node)
     ]
     names = [n for n, _ in candidates]
-    if isinstance(where, str) and where == "all-linear":
+    if where is None:
+        match = lambda name, node: LAYERS[type(node)].default
+        patterns = None
+    elif isinstance(where, str) and where == "all-linear":
         linear = [n for n, node in candidates if isinstance(node, eqx.nn.Linear)]
         head = linear[-1:] if len(linear) > 1 else []
         match = lambda name, node: isinstance(node, eqx.nn.Linear) and name not in head
@@ -155,7 +195,7 @@ def find_targets(
 
 def _preview(names: list[str]) -> str:
     if not names:
-        return "none (the model has no eqx.nn.Linear)"
+        return "none (the model has no eqx.nn.Linear, Conv, ConvTranspose or Embedding)"
     shown = ", ".join(repr(n) for n in names[:8])
     return shown + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
@@ -189,7 +229,9 @@ def loraify(
 
     - `model`: the model to convert, treated as a PyTree. By default every
         `eqx.nn.Linear` (those inside `eqx.nn.MultiheadAttention` too) has its weight
-        replaced by a [`lora_jax.LoraArray`][].
+        replaced by a [`lora_jax.LoraArray`][]. `eqx.nn.Conv*`/`ConvTranspose*` (whose
+        kernels become [`lora_jax.LoraConvArray`][]s) and `eqx.nn.Embedding` (a
+        [`lora_jax.LoraEmbeddingArray`][]) are adapted when `where` selects them.
     - `rank`: the rank of the adaptation.
     - `key`: randomness for initialising the factors (split once per adapted layer).
     - `scale`, `allow_materialise`, `stop_gradient`, `alpha`, `rslora`, `init`,
@@ -198,11 +240,13 @@ def loraify(
         `"dora"` ([`lora_jax.DoraArray`][]), `"lokr"` ([`lora_jax.LokrArray`][]) or
         `"loha"` ([`lora_jax.LohaArray`][]). LoKr and LoHa take PEFT's options as
         `method_options` (`init_weights=`, `decompose_both=`, ...) and ignore `scale`.
+    - `conv_form`: for convolutions with `method="lora"`, `"peft"` (the default) or
+        `"balanced"`, as for [`lora_jax.LoraConvArray`][].
     - `where`: which layers to adapt, by dotted name built from the PyTree path
         (`layers.0`, `blocks.3.attn.query_proj`): a list of names (each matches
         exactly, or as a suffix at a dot), a regex string (full match), `"all-linear"`
         (every `Linear` except the last, the output head), or a callable
-        `(name, layer) -> bool`. `None` (the default) adapts every supported layer.
+        `(name, layer) -> bool`. `None` (the default) adapts every `Linear`.
     - `exclude`: layers not to adapt, in the same forms as `where`.
     - `rank_pattern`, `alpha_pattern`: per-layer overrides, `{regex: value}`, a key
         matching the end of a layer's name at a dot (PEFT's rule).
@@ -242,6 +286,8 @@ def loraify(
     if alpha is not None:
         check_scalar(alpha, "alpha", positive=True)
     check_choice(method, "method", tuple(METHODS))
+    if "conv_form" in method_options:
+        check_choice(method_options["conv_form"], "conv_form", ("peft", "balanced"))
     for name, flag in (("allow_materialise", allow_materialise), ("stop_gradient", stop_gradient), ("rslora", rslora)):
         if not isinstance(flag, bool):
             raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
@@ -287,6 +333,9 @@ def loraify(
         dtype=dtype,
         **method_options,
     )
+    if method != "lora":
+        for name, layer in fresh:
+            _linear_only(method, name, layer)
     build = METHODS[method]
     replacements = {}
     for name, layer in fresh:

@@ -1,0 +1,242 @@
+"""LoRA for convolution kernels: `w + s·Δ` with `Δ` a composition of two thin convs.
+
+A kernel `w` of shape `(out, in/groups, k_1, ..., k_n)` (Equinox's `OI...` layout) is
+adapted by two factors, each itself a conv kernel:
+
+- `b` of shape `(rank, in/groups, *kb)`, applied first (channels `in -> rank`);
+- `a` of shape `(out, rank, *ka)`, applied second (channels `rank -> out`);
+
+where every spatial axis `j` belongs to exactly one factor: `kb_j = k_j, ka_j = 1` or
+`kb_j = 1, ka_j = k_j`. The dense update, used only for merging, is
+
+    Δ[o, i, p_1..p_n] = Σ_r a[o, r, p_j for j on a's side] · b[r, i, p_j for j on b's side]
+
+and a conv with `w + s·Δ` is computed as `conv(x, w) + s·conv(conv(x, b), a)`, each
+factor conv doing the strides, padding and dilations of its own axes. Two forms:
+
+- `"peft"`: every spatial axis on `b`'s side. `b` is PEFT's `lora_A` (a conv with the
+    base kernel's size), `a` is PEFT's `lora_B` (a 1×1 conv).
+- `"balanced"`: ALF's reshape. The kernel is seen as the matrix
+    `(out·k_1···k_m, in·k_{m+1}···k_n)` with `m = n // 2`, factored `a @ b`: the first
+    `⌊n/2⌋` spatial axes go with `out` (on `a`), the rest with `in` (on `b`). For
+    Conv2d that is `(out·k_0, in·k_1)`: a `1×k_1` conv then a `k_0×1` conv. For
+    Conv3d `(out·k_0, in·k_1·k_2)`. For Conv1d `m = 0`, `(out, in·k_0)`, the same
+    factorisation as `"peft"`.
+"""
+
+import math
+from typing import Literal
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import quax
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
+
+from ._base import AbstractAdapter, as_scaling
+from ._lora import Init, lora_scaling
+from ._validate import check_choice, check_dtype, check_key, check_rank, check_scalar
+
+
+ConvForm = Literal["peft", "balanced"]
+
+
+def conv_split(form: str, num_spatial: int) -> int:
+    """How many leading spatial axes belong to `a` (the `out` side)."""
+    return 0 if form == "peft" else num_spatial // 2
+
+
+class LoraConvArray(AbstractAdapter):
+    """Replaces a conv kernel `w` of shape `(out, in/groups, *kernel)` with `w + s·Δ`,
+    `Δ` the composition of two thin conv kernels `a` (`rank -> out`) and `b`
+    (`in -> rank`). See the module docstring for the two forms.
+
+    The sum is never formed: a `lax.conv_general_dilated` with this value as its kernel
+    computes `conv(x, w) + s·conv(conv(x, b), a)`, honouring strides, padding, input
+    and kernel dilation and feature groups.
+    """
+
+    _w: Shaped[Array, "out in *kernel"]
+    a: Float[Array, "out rank *ka"]
+    b: Float[Array, "rank in *kb"]
+    scaling: Float[Array, ""]
+    form: str = eqx.field(static=True)
+    stop_gradient: bool = eqx.field(static=True)
+    allow_materialise: bool = eqx.field(static=True)
+
+    trainable_fields = ("a", "b")
+
+    def __init__(
+        self,
+        weight: Shaped[Array, "out in *kernel"],
+        *,
+        rank: int,
+        scale: float = 0.01,
+        allow_materialise: bool = False,
+        stop_gradient: bool = True,
+        key: PRNGKeyArray,
+        alpha: float | None = None,
+        rslora: bool = False,
+        init: Init = "quax",
+        dtype=None,
+        conv_form: ConvForm = "peft",
+    ):
+        """**Arguments:**
+
+        - `weight`: the conv kernel to wrap, `(out, in/groups, k_1, ..., k_n)` with
+            `n >= 1` spatial dimensions (Equinox's layout).
+        - `rank`: the rank of the adaptation (the channels between the two factor
+            convs).
+        - `scale`, `allow_materialise`, `stop_gradient`, `key`, `alpha`, `rslora`,
+            `dtype`: as for [`lora_jax.LoraArray`][].
+        - `init`: `"quax"` (`a ~ Normal(0, scale²)`, `b = 0`), `"peft"` (`a = 0`, `b`
+            Kaiming-uniform with `b`'s fan-in, as PEFT's `lora_A`) or `"gaussian"`
+            (`a = 0`, `b ~ Normal(0, 1/rank²)`). Each is a no-op at initialisation.
+        - `conv_form`: `"peft"` (a conv with the kernel's size to `rank` channels, then
+            a 1×1 conv) or `"balanced"` (ALF's reshape, two separable convs).
+
+        !!! Example
+
+            ```python
+            import jax.lax as lax
+            import jax.numpy as jnp
+            import jax.random as jr
+            import quax
+            import lora_jax as lora
+
+            w = jr.normal(jr.key(0), (4, 3, 3, 3))
+            lw = lora.LoraConvArray(w, rank=2, key=jr.key(1), conv_form="balanced")
+            x = jnp.ones((1, 3, 8, 8))
+            conv = lambda k: lax.conv_general_dilated(x, k, (1, 1), "SAME")
+            assert jnp.allclose(quax.quaxify(conv)(lw), conv(w))
+            ```
+        """
+        shape = getattr(weight, "shape", None)
+        if shape is None or getattr(weight, "dtype", None) is None:
+            raise TypeError(f"`weight` must be an array, got {type(weight).__name__}.")
+        if len(shape) < 3:
+            raise ValueError(
+                "`weight` must be a conv kernel (out, in, *kernel) with at least one "
+                f"spatial dimension, got shape {tuple(shape)}."
+            )
+        if not jnp.issubdtype(weight.dtype, jnp.floating):
+            raise TypeError(f"`weight` must have a floating dtype, got {weight.dtype}.")
+        check_rank(rank)
+        check_key(key)
+        check_scalar(scale, "scale")
+        if alpha is not None:
+            check_scalar(alpha, "alpha", positive=True)
+        check_choice(init, "init", ("quax", "peft", "gaussian"))
+        check_choice(conv_form, "conv_form", ("peft", "balanced"))
+        dtype = check_dtype(dtype, weight.dtype)
+        out, inp, *kernel = shape
+        m = conv_split(conv_form, len(kernel))
+        a_shape = (out, rank, *kernel[:m], *(1,) * (len(kernel) - m))
+        b_shape = (rank, inp, *(1,) * m, *kernel[m:])
+        if init == "quax":
+            a = jr.normal(key, a_shape, dtype) * jnp.asarray(scale, dtype)
+            b = jnp.zeros(b_shape, dtype)
+        elif init == "peft":
+            bound = 1 / math.sqrt(math.prod(b_shape[1:]))
+            a = jnp.zeros(a_shape, dtype)
+            b = jr.uniform(key, b_shape, dtype, -bound, bound)
+        else:
+            a = jnp.zeros(a_shape, dtype)
+            b = jr.normal(key, b_shape, dtype) * jnp.asarray(1 / rank, dtype)
+        self._w = weight
+        self.a = a
+        self.b = b
+        self.scaling = as_scaling(lora_scaling(rank, alpha, rslora))
+        self.form = conv_form
+        self.stop_gradient = stop_gradient
+        self.allow_materialise = allow_materialise
+
+    @property
+    def rank(self) -> int:
+        return self.b.shape[0]
+
+    def delta(self) -> Array:
+        return _conv_delta(self.a, self.b, self.form, lax.stop_gradient(self.scaling))
+
+
+def _conv_delta(a, b, form, scaling):
+    """`Δ[o, i, *p] = Σ_r a[o, r, *p_a] b[r, i, *p_b]`, written as one einsum."""
+    n = a.ndim - 2
+    m = conv_split(form, n)
+    sp = "defghjklmn"[:n]
+    a2 = a.reshape(a.shape[:2 + m])
+    b2 = b.reshape(b.shape[:2] + b.shape[2 + m :])
+    spec = f"or{sp[:m]},ri{sp[m:]}->oi{sp}"
+    d = jnp.einsum(spec, a2, b2)
+    return d * scaling.astype(d.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The conv rule
+# ---------------------------------------------------------------------------------------
+
+
+def _identity_spec(spec) -> bool:
+    return tuple(int(i) for i in spec) == tuple(range(len(spec)))
+
+
+def _factor_params(params, axes: set[int], lhs_spec, rhs_spec, out_spec, groups):
+    """The conv parameters for a factor that carries only the spatial `axes`: the
+    others get stride 1, no padding, no dilation."""
+    keep = lambda j, v, unit: v if j in axes else unit
+    p = dict(params)
+    p["window_strides"] = tuple(keep(j, s, 1) for j, s in enumerate(params["window_strides"]))
+    p["padding"] = tuple(keep(j, tuple(q), (0, 0)) for j, q in enumerate(params["padding"]))
+    p["lhs_dilation"] = tuple(keep(j, d, 1) for j, d in enumerate(params["lhs_dilation"]))
+    p["rhs_dilation"] = tuple(keep(j, d, 1) for j, d in enumerate(params["rhs_dilation"]))
+    p["dimension_numbers"] = lax.ConvDimensionNumbers(lhs_spec, rhs_spec, out_spec)
+    p["feature_group_count"] = groups
+    p["preferred_element_type"] = None
+    return p
+
+
+@quax.quaxify
+def _lora_conv(lhs, w, a, b, scaling, form, params):
+    out = lax.conv_general_dilated_p.bind(lhs, w, **params)
+    dn = params["dimension_numbers"]
+    groups = params["feature_group_count"]
+    n = a.ndim - 2
+    m = conv_split(form, n)
+    x = lhs.astype(b.dtype) if lhs.dtype != b.dtype else lhs
+    if groups > 1:
+        # One copy of `b` per group: each group's `rank` channels see only its inputs.
+        b = jnp.tile(b, (groups,) + (1,) * (b.ndim - 1))
+    ident = tuple(range(n + 2))
+    p_b = _factor_params(params, set(range(m, n)), dn.lhs_spec, ident, dn.out_spec, groups)
+    p_a = _factor_params(params, set(range(m)), dn.out_spec, ident, dn.out_spec, groups)
+    z = lax.conv_general_dilated_p.bind(x, b, **p_b)
+    delta = lax.conv_general_dilated_p.bind(z, a * scaling.astype(a.dtype), **p_a)
+    return out + delta.astype(out.dtype)
+
+
+@quax.register(lax.conv_general_dilated_p)
+def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraConvArray, **params):
+    if params["batch_group_count"] != 1:
+        raise ValueError(
+            "A LoRA conv kernel supports `batch_group_count=1` only, got "
+            f"{params['batch_group_count']}."
+        )
+    if not _identity_spec(params["dimension_numbers"].rhs_spec):
+        # The kernel is read in another layout than the adapter's (out, in, *kernel):
+        # no factored rule; materialise (refuses unless `allow_materialise`).
+        return _dense_conv(lhs, rhs.materialise(), params)
+    return _lora_conv(
+        lhs, rhs.w, rhs.a, rhs.b, lax.stop_gradient(rhs.scaling), rhs.form, params
+    )
+
+
+@quax.register(lax.conv_general_dilated_p)
+def _(lhs: LoraConvArray, rhs: ArrayLike | quax.ArrayValue, **params):
+    # A kernel used as the input image: no factored rule.
+    return _dense_conv(lhs.materialise(), rhs, params)
+
+
+@quax.quaxify
+def _dense_conv(lhs, rhs, params):
+    return lax.conv_general_dilated_p.bind(lhs, rhs, **params)

@@ -1,0 +1,406 @@
+"""LoRA on every supported layer kind, through one table of rows and the same checks:
+forward and factor gradients against the layer run with a dense merged weight written
+plainly here, no-op at init, materialise, training with a frozen base, parameter counts,
+no materialised weight in the jaxpr, no recompiles."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.extend.core as jexc
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+import quax
+
+import lora_jax as lora
+
+from .helpers import randomise_factors
+
+
+# ---------------------------------------------------------------------------------------
+# Dense references, written plainly from each method's formula
+# ---------------------------------------------------------------------------------------
+
+
+def matrix_delta(a, b):
+    """LoRA on a matrix (Linear, Embedding): `a @ b`."""
+    return a @ b
+
+
+def conv_delta(a, b):
+    """Conv LoRA: `Δ[o, i, *p] = Σ_r a[o, r, *p] b[r, i, *p]`, where each spatial axis
+    has size 1 in one of the two factors (broadcast, then sum over the rank)."""
+    return jnp.sum(a[:, :, None] * b[None], axis=1)
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    make: Callable[[Any], Any]  # key -> layer
+    input: Callable[[Any], Any]  # key -> input
+    apply: Callable[[Any, Any], Any]  # (layer, input) -> output, traced under quaxify
+    delta: Callable[[Any, Any], Any]
+    n_params: Callable[[Any, int], int]  # (layer, rank) -> PEFT's count
+    options: dict = field(default_factory=dict)
+
+
+def _conv_count(layer, rank, form="peft"):
+    out, inp, *k = layer.weight.shape  # inp is already in/groups
+    m = 0 if form == "peft" else len(k) // 2
+    return rank * inp * math.prod(k[m:]) + out * math.prod(k[:m]) * rank
+
+
+def _batched(layer, x):
+    return jax.vmap(layer)(x)
+
+
+def _images(channels, *spatial, batch=2):
+    return lambda key: jr.normal(key, (batch, channels, *spatial))
+
+
+def _conv_rows(id, make, inputs, forms=("peft", "balanced")):
+    # Conv1d has one form only: "balanced" puts its single kernel axis on `in`'s side,
+    # which is "peft" (see `lora_jax/_conv.py`).
+    return [
+        Row(
+            f"{id}-{form}",
+            make,
+            inputs,
+            _batched,
+            conv_delta,
+            lambda layer, r, form=form: _conv_count(layer, r, form),
+            {"conv_form": form},
+        )
+        for form in forms
+    ]
+
+
+ROWS = [
+    Row(
+        "linear",
+        lambda k: eqx.nn.Linear(5, 3, key=k),
+        lambda k: jr.normal(k, (4, 5)),
+        _batched,
+        matrix_delta,
+        lambda layer, r: r * (5 + 3),
+    ),
+    *_conv_rows(
+        "conv1d",
+        lambda k: eqx.nn.Conv1d(4, 6, 3, padding=1, key=k),
+        _images(4, 9),
+        forms=("peft",),
+    ),
+    *_conv_rows(
+        "conv2d-stride-pad-dilate",
+        lambda k: eqx.nn.Conv2d(
+            3, 5, (3, 2), stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2), key=k
+        ),
+        _images(3, 8, 7),
+    ),
+    *_conv_rows(
+        "conv2d-groups",
+        lambda k: eqx.nn.Conv2d(4, 6, 3, padding="SAME", groups=2, key=k),
+        _images(4, 6, 5),
+    ),
+    *_conv_rows(
+        "conv3d",
+        lambda k: eqx.nn.Conv3d(2, 3, (2, 3, 2), padding=1, stride=(1, 2, 1), key=k),
+        _images(2, 5, 6, 4),
+    ),
+    *_conv_rows(
+        "convtranspose2d",
+        lambda k: eqx.nn.ConvTranspose2d(
+            3, 4, (3, 2), stride=2, padding=1, output_padding=1, key=k
+        ),
+        _images(3, 5, 4),
+    ),
+    Row(
+        "embedding-scalar",
+        lambda k: eqx.nn.Embedding(11, 5, key=k),
+        lambda k: jr.randint(k, (), 0, 11),
+        lambda layer, i: layer(i),
+        matrix_delta,
+        lambda layer, r: r * (11 + 5),
+    ),
+    Row(
+        "embedding-vmapped",
+        lambda k: eqx.nn.Embedding(11, 5, key=k),
+        lambda k: jr.randint(k, (7,), -11, 11),
+        _batched,
+        matrix_delta,
+        lambda layer, r: r * (11 + 5),
+    ),
+]
+
+RANK = 2
+ALPHA = 3.0
+
+
+def _adapt(row, key, **kwargs):
+    layer = row.make(jr.fold_in(key, 0))
+    kw = dict(rank=RANK, alpha=ALPHA, key=jr.fold_in(key, 1), where=lambda n, l: True)
+    adapted = lora.loraify(layer, **(kw | row.options | kwargs))
+    return layer, adapted
+
+
+def _dense_layer(layer, adapter, a=None, b=None):
+    """The plain layer holding `w + s·Δ` built here from the factors."""
+    a = adapter.a if a is None else a
+    b = adapter.b if b is None else b
+    merged = adapter._w + adapter.scaling * (
+        conv_delta(a, b) if adapter._w.ndim > 2 else matrix_delta(a, b)
+    )
+    return eqx.tree_at(lambda l: l.weight, layer, merged)
+
+
+def _with_factors(adapted, a, b):
+    return eqx.tree_at(lambda l: (l.weight.a, l.weight.b), adapted, (a, b))
+
+
+def _run(adapted, x, row):
+    return quax.quaxify(row.apply)(adapted, x)
+
+
+@pytest.fixture(params=ROWS, ids=[r.id for r in ROWS])
+def row(request):
+    return request.param
+
+
+def _setup(row, getkey):
+    layer, adapted = _adapt(row, getkey())
+    adapted = eqx.tree_at(
+        lambda l: l.weight, adapted, randomise_factors(adapted.weight, getkey())
+    )
+    x = row.input(getkey())
+    return layer, adapted, x
+
+
+# ---------------------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------------------
+
+
+def test_forward_matches_dense(row, getkey):
+    layer, adapted, x = _setup(row, getkey)
+    fwd = eqx.filter_jit(eqx.debug.assert_max_traces(lambda m, x: _run(m, x, row), max_traces=1))
+    dense = eqx.filter_jit(lambda m, x: row.apply(_dense_layer(layer, m.weight), x))
+    for s in (1.0, 2.5):  # a new scaling is a new leaf value, not a recompile
+        m = eqx.tree_at(lambda l: l.weight.scaling, adapted, jnp.asarray(ALPHA / RANK * s))
+        expected = dense(m, x)
+        got = fwd(m, x)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_factor_gradients_match_dense(row, getkey):
+    layer, adapted, x = _setup(row, getkey)
+    lw = adapted.weight
+    target = jr.normal(getkey(), jax.eval_shape(row.apply, layer, x).shape)
+
+    def adapted_loss(a, b):
+        return jnp.sum((_run(_with_factors(adapted, a, b), x, row) - target) ** 2)
+
+    def dense_loss(a, b):
+        return jnp.sum((row.apply(_dense_layer(layer, lw, a, b), x) - target) ** 2)
+
+    got = jax.jit(jax.grad(adapted_loss, argnums=(0, 1)))(lw.a, lw.b)
+    expected = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))(lw.a, lw.b)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["quax", "peft", "gaussian"])
+def test_noop_at_init(row, getkey, init):
+    layer, adapted = _adapt(row, getkey(), init=init)
+    x = row.input(getkey())
+    got = eqx.filter_jit(lambda m, x: _run(m, x, row))(adapted, x)
+    np.testing.assert_allclose(got, eqx.filter_jit(row.apply)(layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_materialise_equals_adapted(row, getkey):
+    layer, adapted, x = _setup(row, getkey)
+    merged = lora.materialise(adapted)
+    assert type(merged) is type(layer)
+    assert type(merged.weight) is type(layer.weight)
+    assert merged.weight.shape == layer.weight.shape
+    got = eqx.filter_jit(lambda m, x: _run(m, x, row))(adapted, x)
+    np.testing.assert_allclose(eqx.filter_jit(row.apply)(merged, x), got, rtol=1e-4, atol=1e-4)
+
+
+def test_training_lowers_loss_base_frozen(row, getkey):
+    layer, adapted = _adapt(row, getkey(), init="peft")
+    x = row.input(getkey())
+    # A target the adapter can reach: the layer under other, random factors.
+    goal = randomise_factors(adapted.weight, getkey())
+    target = eqx.filter_jit(row.apply)(_dense_layer(layer, goal), x)
+    params, frozen = lora.partition(adapted)
+    opt = optax.adam(3e-2)
+    state = opt.init(params)
+
+    def loss_fn(params):
+        model = eqx.combine(params, frozen)
+        return jnp.mean((_run(model, x, row) - target) ** 2)
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def step(params, state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction
+            updates, state = opt.update(grads, state, params)
+        return eqx.apply_updates(params, updates), state, loss
+
+    losses = []
+    for _ in range(30):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.9 * losses[0]
+    trained = eqx.combine(params, frozen)
+    assert np.array_equal(np.asarray(trained.weight._w), np.asarray(layer.weight))
+    assert not np.allclose(np.asarray(trained.weight.a), np.asarray(adapted.weight.a)) or (
+        not np.allclose(np.asarray(trained.weight.b), np.asarray(adapted.weight.b))
+    )
+
+
+def test_parameter_counts(row, getkey):
+    layer, adapted = _adapt(row, getkey())
+    expected = row.n_params(layer, RANK)
+    s = lora.summary(adapted)
+    assert s.trainable == expected
+    params, _ = lora.partition(adapted)
+    assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == expected
+    base = sum(x.size for x in jax.tree_util.tree_leaves(eqx.filter(layer, eqx.is_array)))
+    assert s.total == base + expected
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jexc.jaxprs_in_params(eqn.params):
+            yield from _all_eqns(sub)
+
+
+def test_no_materialised_weight(row, getkey):
+    """Neither the forward nor the backward pass builds an array of the weight's shape:
+    the only one is the (gradient-stopped) base weight itself."""
+    layer, adapted, x = _setup(row, getkey)
+    params, frozen = lora.partition(adapted)
+
+    def loss(params):
+        return jnp.sum(_run(eqx.combine(params, frozen), x, row) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr
+    shape = layer.weight.shape
+    for eqn in _all_eqns(jaxpr):
+        if eqn.primitive.name in ("stop_gradient", "pjit", "jit"):
+            continue
+        for v in eqn.outvars:
+            assert getattr(v.aval, "shape", None) != shape, f"materialised weight: {eqn}"
+
+
+# ---------------------------------------------------------------------------------------
+# Kind-specific facts
+# ---------------------------------------------------------------------------------------
+
+
+def test_balanced_is_alf_matrix_factorisation(getkey):
+    """Conv2d balanced: the kernel seen as the (out·k0, in·k1) matrix equals
+    w + s·A @ B with A (out·k0, r) and B (r, in·k1) read off the factors."""
+    out, inp, k0, k1, r = 5, 3, 3, 2, 2
+    w = jr.normal(getkey(), (out, inp, k0, k1))
+    lw = randomise_factors(
+        lora.LoraConvArray(w, rank=r, key=getkey(), conv_form="balanced"), getkey()
+    )
+    assert lw.a.shape == (out, r, k0, 1) and lw.b.shape == (r, inp, 1, k1)
+    A = jnp.transpose(lw.a[..., 0], (0, 2, 1)).reshape(out * k0, r)
+    B = lw.b[:, :, 0, :].reshape(r, inp * k1)
+    as_matrix = lambda k: jnp.transpose(k, (0, 2, 1, 3)).reshape(out * k0, inp * k1)
+    np.testing.assert_allclose(as_matrix(lw.merge()), as_matrix(w) + lw.scaling * A @ B, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_conv_is_two_convs(getkey):
+    """PEFT's form: `b` is a conv with the kernel's size, `a` a 1×1 conv after it."""
+    w = jr.normal(getkey(), (4, 3, 3, 3))
+    lw = randomise_factors(lora.LoraConvArray(w, rank=2, key=getkey()), getkey())
+    assert lw.b.shape == (2, 3, 3, 3) and lw.a.shape == (4, 2, 1, 1)
+    x = jr.normal(getkey(), (1, 3, 7, 7))
+    conv = lambda x, k, s: lax.conv_general_dilated(x, k, s, "SAME")
+    expected = conv(x, w, (2, 2)) + lw.scaling * conv(conv(x, lw.b, (2, 2)), lw.a, (1, 1))
+    got = quax.quaxify(conv)(x, lw, (2, 2))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_embedding_lookups(getkey):
+    """Every way of reading rows: vmap outside quaxify, a Python int, `jnp.take` with an
+    out-of-bounds id (filled), fancy indexing, slices, and a tied output head."""
+    emb = eqx.nn.Embedding(11, 5, key=getkey())
+    adapted = lora.loraify(emb, rank=2, alpha=3.0, key=getkey(), where=lambda n, l: True)
+    adapted = eqx.tree_at(
+        lambda e: e.weight, adapted, randomise_factors(adapted.weight, getkey())
+    )
+    lw = adapted.weight
+    dense = lw._w + lw.scaling * lw.a @ lw.b
+    ids = jnp.array([0, 4, 10, -1])
+    q = quax.quaxify
+    np.testing.assert_allclose(
+        eqx.filter_jit(lambda m, i: jax.vmap(q(lambda m, i: m(i)), (None, 0))(m, i))(
+            adapted, ids
+        ),
+        dense[ids],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(q(adapted)(3), dense[3], rtol=1e-5, atol=1e-5)
+    take = jax.jit(q(lambda w, i: jnp.take(w, i, axis=0)))(lw, jnp.array([2, 11]))
+    np.testing.assert_allclose(take, jnp.take(dense, jnp.array([2, 11]), axis=0), rtol=1e-5, atol=1e-5)
+    idx = jnp.array([[1, 2], [3, 4]])
+    np.testing.assert_allclose(jax.jit(q(lambda w: w[idx]))(lw), dense[idx], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(q(lambda w: w[2:9:3, 1:4]))(lw), dense[2:9:3, 1:4], rtol=1e-5, atol=1e-5)
+    h = jr.normal(getkey(), (3, 5))
+    np.testing.assert_allclose(jax.jit(q(lambda w, h: h @ w.T))(lw, h), h @ dense.T, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_embedding_init(getkey):
+    """PEFT: `lora_embedding_A` (= aᵀ) zeros, `lora_embedding_B` (= bᵀ) standard
+    normal."""
+    lw = lora.LoraEmbeddingArray(jnp.zeros((200, 50)), rank=4, key=getkey(), init="peft")
+    assert np.all(np.asarray(lw.a) == 0)
+    assert abs(float(jnp.std(lw.b)) - 1) < 0.15
+
+
+def test_conv_errors(getkey):
+    with pytest.raises(ValueError, match="`conv_form`"):
+        lora.LoraConvArray(jnp.zeros((2, 2, 3)), rank=1, key=getkey(), conv_form="dense")
+    with pytest.raises(ValueError, match="`conv_form`"):
+        lora.loraify(eqx.nn.Conv1d(2, 2, 3, key=getkey()), rank=1, key=getkey(), conv_form="x")
+    with pytest.raises(ValueError, match="`weight`"):
+        lora.LoraConvArray(jnp.zeros((2, 2)), rank=1, key=getkey())
+    with pytest.raises(ValueError, match="`weight`"):
+        lora.LoraEmbeddingArray(jnp.zeros((2, 2, 2)), rank=1, key=getkey())
+    lw = lora.LoraConvArray(jnp.zeros((4, 1, 3)), rank=1, key=getkey())
+    x = jnp.zeros((2, 2, 5))
+    conv = lambda x, k: lax.conv_general_dilated(x, k, (1,), "VALID", batch_group_count=2)
+    with pytest.raises(ValueError, match="`batch_group_count=1`"):
+        quax.quaxify(conv)(x, lw)
+
+
+def test_default_targets_linear_only(getkey):
+    """`where=None` adapts Linear only (quax's loraify); convs and embeddings when
+    named."""
+    model = [eqx.nn.Conv2d(2, 3, 3, key=getkey()), eqx.nn.Embedding(4, 3, key=getkey()),
+             eqx.nn.Linear(3, 2, key=getkey())]
+    adapted = lora.loraify(model, rank=1, key=getkey())
+    assert [type(m.weight).__name__ for m in adapted] == ["ArrayImpl", "ArrayImpl", "LoraArray"]
+    adapted = lora.loraify(model, rank=1, key=getkey(), where=["0", "1"])
+    assert [type(m.weight).__name__ for m in adapted] == [
+        "LoraConvArray", "LoraEmbeddingArray", "ArrayImpl"
+    ]
