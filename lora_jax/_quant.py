@@ -76,6 +76,12 @@ class AbstractQuantArray(quax.ArrayValue):
         pass
 
     def aval(self):
+        if not jtu.tree_leaves(self):
+            raise ValueError(
+                f"This `{type(self).__name__}` has no codes: it is part of the trainable "
+                "half of `lora_jax.partition`. Recombine it with `eqx.combine(params, "
+                "frozen)` before calling the model through `quax.quaxify`."
+            )
         shape = (*self._batch_shape(), *self._matrix_shape())
         return jax.core.ShapedArray(shape, self.base_dtype)
 

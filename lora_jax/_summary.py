@@ -122,7 +122,7 @@ def summary(
         owner = path_name(path[:-1])
         row = rows.setdefault(owner, ["", 0, 0])
         row[1] += int(np.prod(leaf.shape))
-        if m:
+        if m and not is_quantised(leaf):  # a quantised weight never trains
             row[2] += int(np.prod(leaf.shape))
     owners = _owner_types(model)
     table = tuple(
