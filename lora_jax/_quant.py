@@ -78,9 +78,10 @@ class AbstractQuantArray(quax.ArrayValue):
     def aval(self):
         if not jtu.tree_leaves(self):
             raise ValueError(
-                f"This `{type(self).__name__}` has no codes: it is part of the trainable "
-                "half of `lora_jax.partition`. Recombine it with `eqx.combine(params, "
-                "frozen)` before calling the model through `quax.quaxify`."
+                f"This `{type(self).__name__}` has no codes: it is part of the "
+                "trainable half of `lora_jax.partition`. Recombine it with "
+                "`eqx.combine(params, frozen)` before calling the model through "
+                "`quax.quaxify`."
             )
         shape = (*self._batch_shape(), *self._matrix_shape())
         return jax.core.ShapedArray(shape, self.base_dtype)
@@ -91,7 +92,8 @@ class AbstractQuantArray(quax.ArrayValue):
     @property
     def nbytes(self) -> int:
         """Bytes held by the quantised representation (codes and constants)."""
-        return sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(self) if eqx.is_array(x))
+        leaves = [x for x in jtu.tree_leaves(self) if eqx.is_array(x)]
+        return sum(x.size * x.dtype.itemsize for x in leaves)
 
 
 def is_quantised(x) -> bool:
@@ -247,9 +249,8 @@ class NF4Array(AbstractQuantArray):
         scale = offset = None
         if double_quant:
             absmax, scale, offset = _absmax_quantise(absmax)
-        return cls(
-            codes, absmax, scale, offset, jnp.dtype(weight.dtype), (out, inp), block_size
-        )
+        dtype = jnp.dtype(weight.dtype)
+        return cls(codes, absmax, scale, offset, dtype, (out, inp), block_size)
 
     @property
     def double_quant(self) -> bool:
@@ -267,20 +268,27 @@ class NF4Array(AbstractQuantArray):
         if not self.double_quant:
             return self.absmax
         out, inp = self.matrix_shape
+        n_blocks = out * inp // self.block_size
         return _absmax_dequantise(
-            self.absmax, self.absmax_scale, self.absmax_offset, out * inp // self.block_size
+            self.absmax, self.absmax_scale, self.absmax_offset, n_blocks
         )
 
     def dequantise(self) -> Array:
         return _nf4_dequantise(
-            self.codes, self.block_absmax(), self.matrix_shape, self.block_size, self.base_dtype
+            self.codes,
+            self.block_absmax(),
+            self.matrix_shape,
+            self.block_size,
+            self.base_dtype,
         )
 
 
 def check_block_size(block_size, size: int, what: str = "the weight") -> int:
     name = "block_size"
     if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
-        raise TypeError(f"`{name}` must be a positive even integer, got {block_size!r}.")
+        raise TypeError(
+            f"`{name}` must be a positive even integer, got {block_size!r}."
+        )
     if block_size <= 0 or block_size % 2:
         raise ValueError(f"`{name}` must be a positive even integer, got {block_size}.")
     if size % block_size:
@@ -297,7 +305,8 @@ def _nf4_quantise(w, block_size: int):
     absmax = jnp.max(jnp.abs(x), axis=-1)
     safe = jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))
     normed = x / safe[..., None]
-    codes = jnp.searchsorted(jnp.asarray(_MIDPOINTS), normed, side="left").astype(jnp.uint8)
+    codes = jnp.searchsorted(jnp.asarray(_MIDPOINTS), normed, side="left")
+    codes = codes.astype(jnp.uint8)
     pairs = codes.reshape(*batch, -1, 2)
     packed = (pairs[..., 0] << 4) | pairs[..., 1]
     return packed, absmax
@@ -342,12 +351,24 @@ def _dot_general(lhs, rhs, dimension_numbers, params):
 
 
 @quax.register(lax.dot_general_p)
-def _(lhs: AbstractQuantArray, rhs: ArrayLike | quax.ArrayValue, *, dimension_numbers, **params):
+def _(
+    lhs: AbstractQuantArray,
+    rhs: ArrayLike | quax.ArrayValue,
+    *,
+    dimension_numbers,
+    **params,
+):
     return _dot_general(lhs.dequantise(), rhs, dimension_numbers, params)
 
 
 @quax.register(lax.dot_general_p)
-def _(lhs: ArrayLike | quax.ArrayValue, rhs: AbstractQuantArray, *, dimension_numbers, **params):
+def _(
+    lhs: ArrayLike | quax.ArrayValue,
+    rhs: AbstractQuantArray,
+    *,
+    dimension_numbers,
+    **params,
+):
     return _dot_general(lhs, rhs.dequantise(), dimension_numbers, params)
 
 

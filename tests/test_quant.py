@@ -101,7 +101,7 @@ def test_int8_keeps_dtype(getkey):
     ref_q, ref_scale = ref_int8(np.asarray(w, np.float32))
     np.testing.assert_array_equal(
         np.asarray(q.dequantise(), np.float32),
-        np.asarray(jnp.asarray(ref_q * ref_scale[..., None]).astype(jnp.bfloat16), np.float32),
+        np.asarray(jnp.asarray(ref_q * ref_scale[..., None], jnp.bfloat16), np.float32),
     )
 
 
@@ -113,7 +113,8 @@ def test_nf4_against_reference(shape, block, getkey):
     codes, absmax, deq = ref_nf4(w, block)
     assert q.shape == shape and q.dtype == jnp.float32 and q.codes.dtype == jnp.uint8
     assert q.codes.shape == (*shape[:-2], shape[-2] * shape[-1] // 2)
-    np.testing.assert_array_equal(unpack(q.codes), codes)  # first code in the high nibble
+    # Two codes a byte, the first in the high nibble.
+    np.testing.assert_array_equal(unpack(q.codes), codes)
     np.testing.assert_array_equal(np.asarray(q.absmax), absmax)
     got = jax.jit(lambda q: q.dequantise())(q)
     np.testing.assert_array_equal(np.asarray(got), deq)  # exactly level × absmax
@@ -133,12 +134,15 @@ def test_nf4_double_quant(getkey):
     mean = absmax.mean(dtype=np.float32)
     centred = np.pad(absmax - mean, (0, 192)).reshape(2, 256)
     scale2 = np.abs(centred).max(-1) / np.float32(127)
-    ref_absmax = (np.rint(centred / scale2[:, None]) * scale2[:, None]).reshape(-1)[:320] + mean
-    np.testing.assert_allclose(np.asarray(q.block_absmax()), ref_absmax, rtol=1e-5)
-    assert np.all(np.abs(np.asarray(q.block_absmax()) - absmax) <= scale2.max() / 2 + 1e-6)
+    ref_absmax = np.rint(centred / scale2[:, None]) * scale2[:, None]
+    ref_absmax = ref_absmax.reshape(-1)[:320] + mean
+    got_absmax = np.asarray(q.block_absmax())
+    np.testing.assert_allclose(got_absmax, ref_absmax, rtol=1e-5)
+    assert np.all(np.abs(got_absmax - absmax) <= scale2.max() / 2 + 1e-6)
     codes, _, _ = ref_nf4(w, 8)
     levels = np.asarray(NF4_LEVELS, np.float32)
-    expect = (levels[codes].reshape(-1, 8) * np.asarray(q.block_absmax())[:, None]).reshape(40, 64)
+    expect = levels[codes].reshape(-1, 8) * got_absmax[:, None]
+    expect = expect.reshape(40, 64)
     np.testing.assert_allclose(np.asarray(q.dequantise()), expect, rtol=1e-6)
     assert q.nbytes < plain.nbytes
 
@@ -164,7 +168,8 @@ def test_rules_on_bare_value(method, getkey):
     q = make(method, w)
     deq = q.dequantise()
     x = jr.normal(getkey(), (3, 16))
-    f = jax.jit(quax.quaxify(lambda q, x: (x @ q.T, q @ x.T, jnp.einsum("oi,bi->bo", q, x))))
+    products = lambda q, x: (x @ q.T, q @ x.T, jnp.einsum("oi,bi->bo", q, x))
+    f = jax.jit(quax.quaxify(products))
     left, right, einsum = f(q, x)
     ref = x @ deq.T
     np.testing.assert_allclose(left, ref, rtol=1e-5, atol=1e-5)
@@ -174,7 +179,8 @@ def test_rules_on_bare_value(method, getkey):
     half = quax.quaxify(lambda q: q.astype(jnp.bfloat16))(q)
     assert type(half) is type(q) and half.dtype == jnp.bfloat16
     np.testing.assert_array_equal(
-        np.asarray(half.dequantise(), np.float32), np.asarray(deq.astype(jnp.bfloat16), np.float32)
+        np.asarray(half.dequantise(), np.float32),
+        np.asarray(deq.astype(jnp.bfloat16), np.float32),
     )
     # transpose and anything else dequantise.
     np.testing.assert_array_equal(quax.quaxify(lambda q: q.T)(q), deq.T)
@@ -204,7 +210,10 @@ def test_lora_over_quantised(method, getkey):
         return jnp.sum(jnp.sin(x @ dense_lora(q.dequantise(), a, b, lw.scaling).T))
 
     np.testing.assert_allclose(
-        jax.jit(quax.quaxify(lambda v, x: v @ x.T))(lw, x), ref @ x.T, rtol=1e-5, atol=1e-5
+        jax.jit(quax.quaxify(lambda v, x: v @ x.T))(lw, x),
+        ref @ x.T,
+        rtol=1e-5,
+        atol=1e-5,
     )
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(lw.a, lw.b, x)
     ref_grads = jax.grad(ref_loss, argnums=(0, 1, 2))(lw.a, lw.b, x)
@@ -235,9 +244,11 @@ def test_training(method, getkey):
     mlp = _mlp(getkey())
     x = jr.normal(getkey(), (64, 16))
     y = jnp.sin(x[:, :4] * 2)
-    qmodel = lora.quantise(mlp, method=method, block_size=32, double_quant=method == "nf4")
+    dq = method == "nf4"
+    qmodel = lora.quantise(mlp, method=method, block_size=32, double_quant=dq)
     model = lora.loraify(qmodel, rank=4, alpha=8.0, init="peft", key=getkey())
-    assert isinstance(model.layers[0].weight._w, lora.Int8Array if method == "int8" else lora.NF4Array)
+    kind = lora.Int8Array if method == "int8" else lora.NF4Array
+    assert isinstance(model.layers[0].weight._w, kind)
     params, frozen = lora.partition(model)
     assert all(jnp.issubdtype(p.dtype, jnp.floating) for p in jtu.tree_leaves(params))
     opt = optax.adam(1e-2)
@@ -272,7 +283,8 @@ def test_training(method, getkey):
 
     # Differentiating the whole model (integer leaves included) works too, and no
     # gradient reaches the quantised weight.
-    grads = eqx.filter_grad(quax.quaxify(lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2)))(trained)
+    whole = quax.quaxify(lambda m: jnp.mean((jax.vmap(m)(x) - y) ** 2))
+    grads = eqx.filter_grad(whole)(trained)
     qgrads = grads.layers[0].weight._w
     for g in jtu.tree_leaves(qgrads):
         np.testing.assert_array_equal(g, 0.0)
@@ -292,7 +304,7 @@ def test_materialise(method, getkey):
     model = eqx.tree_at(
         lambda m: (m.layers[0].weight, m.layers[1].weight),
         model,
-        (randomise_factors(model.layers[0].weight, getkey()), randomise_factors(model.layers[1].weight, getkey())),
+        tuple(randomise_factors(model.layers[i].weight, getkey()) for i in (0, 1)),
     )
     merged = lora.materialise(model)
     for i in (0, 1):
@@ -300,7 +312,10 @@ def test_materialise(method, getkey):
         got = merged.layers[i].weight
         assert type(got) is type(mlp.layers[i].weight) and got.dtype == jnp.float32
         np.testing.assert_allclose(
-            got, dense_lora(lw._w.dequantise(), lw.a, lw.b, lw.scaling), rtol=1e-6, atol=1e-6
+            got,
+            dense_lora(lw._w.dequantise(), lw.a, lw.b, lw.scaling),
+            rtol=1e-6,
+            atol=1e-6,
         )
     # The head was quantised but not adapted: it comes back dequantised.
     head = merged.layers[2].weight
@@ -318,7 +333,9 @@ def test_materialise_bf16(getkey):
     assert merged.weight.dtype == jnp.bfloat16
     # `w + Δ` in the base dtype: Δ is cast to bfloat16 and added to the dequantised w.
     ref = lw._w.dequantise() + (lw.scaling * lw.a @ lw.b).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(merged.weight, np.float32), np.asarray(ref, np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(merged.weight, np.float32), np.asarray(ref, np.float32)
+    )
 
 
 def test_summary_counts(getkey):
@@ -361,7 +378,8 @@ def test_bad_arguments(getkey):
     mlp = _mlp(getkey())
     with pytest.raises(ValueError, match="`method` must be one of 'nf4', 'int8'"):
         lora.quantise(mlp, method="nf3")
-    with pytest.raises(ValueError, match="`block_size`=256 does not divide .* 'layers.2'"):
+    match = "`block_size`=256 does not divide .* 'layers.2'"
+    with pytest.raises(ValueError, match=match):
         lora.quantise(mlp, block_size=256)
     with pytest.raises(ValueError, match="`double_quant=True`"):
         lora.quantise(mlp, method="int8", double_quant=True)
