@@ -28,6 +28,11 @@ from ._multi import (
     set_adapter as set_adapter,
     stack_adapters as stack_adapters,
 )
+from ._quant import (
+    Int8Array as Int8Array,
+    NF4Array as NF4Array,
+    quantise as quantise,
+)
 from ._peft import load_peft as load_peft, save_peft as save_peft
 from ._sharding import (
     fsdp as fsdp,

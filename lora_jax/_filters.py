@@ -8,6 +8,7 @@ import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from ._base import is_adapter
+from ._quant import is_quantised
 from ._targets import name_matches, path_name
 from ._validate import check_choice
 
@@ -48,8 +49,8 @@ def trainable_mask(
 
     **Returns:**
 
-    The mask. The adapters' factors are `True`; base weights, scalings and every other
-    leaf `False`.
+    The mask. The adapters' factors are `True`; base weights (quantised ones too),
+    scalings and every other leaf `False`.
     """
     check_choice(train_bias, "train_bias", ("none", "lora_only", "all"))
     if trainable is not None:
@@ -58,7 +59,8 @@ def trainable_mask(
                 f"`trainable` must be a list of module names, got {trainable!r}."
             )
         trainable = list(trainable)
-    flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=is_adapter)
+    is_leaf = lambda x: is_adapter(x) or is_quantised(x)
+    flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=is_leaf)
     adapted_owners = {
         path_name(p[:-1]) for p, leaf in flat if is_adapter(leaf) and len(p) > 0
     }
@@ -72,6 +74,10 @@ def trainable_mask(
                 if any(name_matches(p, t) for p in _prefixes(path)):
                     hits[t] = True
             out.append(_adapter_mask(leaf))
+            continue
+        if is_quantised(leaf):
+            # A quantised base weight is frozen, whatever `trainable` names.
+            out.append(jtu.tree_map(lambda _: False, leaf))
             continue
         train = False
         if eqx.is_inexact_array(leaf):

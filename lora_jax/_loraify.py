@@ -17,6 +17,7 @@ from ._dora import DoraArray
 from ._loha import LohaArray
 from ._lokr import LokrArray
 from ._lora import LoraArray
+from ._quant import is_quantised
 from ._sharding import follow_weight
 from ._targets import (
     Where,
@@ -358,7 +359,8 @@ def loraify(
 
 
 def materialise(model: PyTree) -> PyTree:
-    """Merges every adapter into a plain array, `w + Δ` in the base weight's dtype.
+    """Merges every adapter into a plain array, `w + Δ` in the base weight's dtype
+    (a quantised `w` is dequantised first), and dequantises every bare quantised weight.
 
     **Arguments:**
 
@@ -382,7 +384,14 @@ def materialise(model: PyTree) -> PyTree:
         assert type(merged.weight) is type(linear.weight)
         ```
     """
-    return jtu.tree_map(lambda x: x.merge() if is_adapter(x) else x, model, is_leaf=is_adapter)
+
+    def merge(x):
+        if is_adapter(x):
+            return x.merge()
+        return x.dequantise() if is_quantised(x) else x
+
+    is_leaf = lambda x: is_adapter(x) or is_quantised(x)
+    return jtu.tree_map(merge, model, is_leaf=is_leaf)
 
 
 def unloraify(model: PyTree) -> tuple[PyTree, PyTree]:

@@ -10,6 +10,7 @@ from jaxtyping import PyTree
 
 from ._base import is_adapter
 from ._filters import TrainBias, trainable_mask
+from ._quant import is_quantised
 from ._targets import path_name
 
 
@@ -80,7 +81,8 @@ def summary(
 
     A [`lora_jax.Summary`][]: print it for the table; `.peft_line` for PEFT's line.
     An adapter's base weight counts as non-trainable; its scaling is a hyperparameter
-    and not counted.
+    and not counted. A quantised weight counts as the number of elements of the
+    weight it stands for (not its codes and constants).
 
     !!! Example
 
@@ -96,29 +98,31 @@ def summary(
         ```
     """
     mask = trainable_mask(model, train_bias=train_bias, trainable=trainable)
-    model_flat = jtu.tree_flatten_with_path(model, is_leaf=is_adapter)[0]
-    mask_flat = jtu.tree_leaves(mask, is_leaf=is_adapter)
+    is_leaf = lambda x: is_adapter(x) or is_quantised(x)
+    model_flat = jtu.tree_flatten_with_path(model, is_leaf=is_leaf)[0]
+    mask_flat = jtu.tree_leaves(mask, is_leaf=is_leaf)
     rows: dict[str, list] = {}
     for (path, leaf), m in zip(model_flat, mask_flat):
         if is_adapter(leaf):
             owner = path_name(path[:-1])
             kind = f"{type(leaf).__name__}"
             counted = set(type(leaf).trainable_fields) | set(type(leaf).frozen_fields)
-            for p, x in jtu.tree_flatten_with_path(leaf)[0]:
+            # A quantised base weight counts as the weight it stands for.
+            for p, x in jtu.tree_flatten_with_path(leaf, is_leaf=is_quantised)[0]:
                 field = p[0].name if isinstance(p[0], jtu.GetAttrKey) else None
-                if field in counted and eqx.is_array(x):
+                if field in counted and (eqx.is_array(x) or is_quantised(x)):
                     row = rows.setdefault(owner, [kind, 0, 0])
                     row[0] = kind
                     row[1] += int(np.prod(x.shape))
                     if field in type(leaf).trainable_fields:
                         row[2] += int(np.prod(x.shape))
             continue
-        if not eqx.is_array(leaf):
+        if not (eqx.is_array(leaf) or is_quantised(leaf)):
             continue
         owner = path_name(path[:-1])
         row = rows.setdefault(owner, ["", 0, 0])
         row[1] += int(np.prod(leaf.shape))
-        if m:
+        if m and not is_quantised(leaf):  # a quantised weight never trains
             row[2] += int(np.prod(leaf.shape))
     owners = _owner_types(model)
     table = tuple(
