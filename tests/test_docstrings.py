@@ -1,9 +1,12 @@
-"""The `!!! Example` blocks of the public docstrings run."""
+"""The `!!! Example` blocks of the public docstrings run, and so does the code of the
+docs pages (each page's ```python blocks in order, in one namespace). A fragment that is not meant to run is fenced as ```py."""
 
 import inspect
+import pathlib
 import re
 import textwrap
 
+import jax
 import pytest
 
 import lora_jax
@@ -45,3 +48,24 @@ def test_examples_found():
 @pytest.mark.parametrize("code", EXAMPLES)
 def test_docstring_example(code, capsys):
     exec(compile(code, "<docstring>", "exec"), {"__name__": "__docstring__"})
+
+
+DOCS = pathlib.Path(__file__).parent.parent / "docs"
+
+
+def _pages():
+    pages = sorted(DOCS.rglob("*.md")) if DOCS.is_dir() else []
+    return [
+        pytest.param(p, id=str(p.relative_to(DOCS)))
+        for p in pages
+        if _FENCE.search(p.read_text())
+    ]
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_docs_page(page, capsys):
+    namespace = {"__name__": "__docs__"}
+    # Users run with JAX's default promotion; optax's updates need it.
+    with jax.numpy_dtype_promotion("standard"):
+        for block in _FENCE.findall(page.read_text()):
+            exec(compile(textwrap.dedent(block), str(page), "exec"), namespace)
