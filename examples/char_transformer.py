@@ -180,6 +180,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
     args = p.parse_args()
     steps, adapt_steps = (5, 5) if args.quick else (args.steps, args.adapt_steps)
+    n_sample = 20 if args.quick else 150
 
     help_text = encode("\n".join(topics[k] for k in sorted(topics)))
     zen = encode(codecs.decode(this.s, "rot13"))
@@ -193,7 +194,7 @@ def main():
         model, eqx.is_inexact_array, batches(help_text, 32, 0), steps, 3e-3, "pretrain"
     )
     print(f"pretrained: loss on the Zen {float(eval_loss(model, *zen_eval)):.3f}")
-    print("sample before adapting:\n" + sample(model, "Beautiful is", 150, k_sample))
+    print("sample before adapting:\n" + sample(model, "Beautiful is", n_sample, k_sample))
 
     curves, adapted = {}, {}
     for name, method in METHODS.items():
@@ -205,7 +206,7 @@ def main():
         )
         adapted[name] = m
         print(f"{name}: loss on the Zen {float(eval_loss(m, *zen_eval)):.3f}")
-        print(f"sample after {name}:\n" + sample(m, "Beautiful is", 150, k_sample))
+        print(f"sample after {name}:\n" + sample(m, "Beautiful is", n_sample, k_sample))
 
     # The adapter on its own: a small file, reloaded into a freshly adapted model.
     tuned = adapted["LoRA"]
