@@ -1,5 +1,5 @@
-"""A character-level transformer, pretrained on Python's help texts and adapted with LoRA
-to the Zen of Python.
+"""A character-level transformer, pretrained on Python's help texts and adapted with
+LoRA to the Zen of Python.
 
 Both texts ship with Python: `pydoc_data.topics` (the `help()` pages) and the `this`
 module (`import this`). The script
@@ -29,11 +29,12 @@ import matplotlib
 
 
 matplotlib.use("Agg")
+from pydoc_data.topics import topics  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import quax  # noqa: E402
-from pydoc_data.topics import topics  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 
@@ -48,9 +49,9 @@ METHODS = {"LoRA": "lora"}
 # The layers to adapt: the attention projections and the MLP of every block.
 WHERE = ["query_proj", "key_proj", "value_proj", "output_proj", "up", "down"]
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Data: characters as integers, shared vocabulary (printable ASCII).
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 VOCAB = [chr(i) for i in range(32, 127)] + ["\n"]
 INDEX = {c: i for i, c in enumerate(VOCAB)}
@@ -74,9 +75,9 @@ def batches(data: np.ndarray, batch: int, seed: int):
         yield jnp.asarray(x), jnp.asarray(y)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Model
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 
 
 class Block(eqx.Module):
@@ -137,7 +138,7 @@ def train(model, mask, data, steps, lr, desc):
 
     @eqx.filter_jit
     def step(params, opt_state, x, y):
-        # quaxify inside grad, around the recombined model (see the docs' freezing page).
+        # quaxify inside grad, around the recombined model (docs: freezing page).
         value, grads = jax.value_and_grad(
             lambda p: quax.quaxify(loss_fn)(eqx.combine(p, frozen), x, y)
         )(params)
@@ -184,8 +185,10 @@ def main():
 
     help_text = encode("\n".join(topics[k] for k in sorted(topics)))
     zen = encode(codecs.decode(this.s, "rot13"))
-    print(f"pretraining text: {len(help_text):,} characters of help(); "
-          f"adaptation text: the Zen of Python, {len(zen):,} characters")
+    print(
+        f"pretraining text: {len(help_text):,} characters of help(); "
+        f"adaptation text: the Zen of Python, {len(zen):,} characters"
+    )
     zen_eval = next(batches(zen, 256, seed=123))
 
     k_model, k_lora, k_sample = jr.split(jr.key(0), 3)
@@ -194,7 +197,9 @@ def main():
         model, eqx.is_inexact_array, batches(help_text, 32, 0), steps, 3e-3, "pretrain"
     )
     print(f"pretrained: loss on the Zen {float(eval_loss(model, *zen_eval)):.3f}")
-    print("sample before adapting:\n" + sample(model, "Beautiful is", n_sample, k_sample))
+    print(
+        "sample before adapting:\n" + sample(model, "Beautiful is", n_sample, k_sample)
+    )
 
     curves, adapted = {}, {}
     for name, method in METHODS.items():
@@ -218,8 +223,10 @@ def main():
     merged = lora.materialise(reloaded)  # plain arrays again: no quax needed to run it
     x = zen_eval[0][0]
     assert jnp.allclose(merged(x), quax.quaxify(tuned)(x), atol=1e-4)
-    print(f"saved {path} ({os.path.getsize(path):,} bytes); reloaded and merged: "
-          "same logits")
+    print(
+        f"saved {path} ({os.path.getsize(path):,} bytes); reloaded and merged: "
+        "same logits"
+    )
     peft_dir = os.path.join(OUT, "zen_adapter_peft")
     lora.save_peft(peft_dir, tuned)
     print(f"PEFT format: {peft_dir}/ {sorted(os.listdir(peft_dir))}")

@@ -128,8 +128,10 @@ def main():
     # 1. Pretrain on 0-4.
     base = CNN(k_model)
     base = train(base, eqx.is_inexact_array, old_train, steps, 3e-3, "pretrain 0-4")
-    print(f"pretrained on 0-4: test accuracy {accuracy(base, *old_test):.3f} on 0-4, "
-          f"{accuracy(base, *new_test):.3f} on 5-9 (before adapting)")
+    print(
+        f"pretrained on 0-4: test accuracy {accuracy(base, *old_test):.3f} on 0-4, "
+        f"{accuracy(base, *new_test):.3f} on 5-9 (before adapting)"
+    )
 
     # 2. Adapt to 5-9, three ways.
     adapted = lora.loraify(base, rank=args.rank, key=k_lora)

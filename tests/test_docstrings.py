@@ -1,5 +1,6 @@
 """The `!!! Example` blocks of the public docstrings run, and so does the code of the
-docs pages (each page's ```python blocks in order, in one namespace). A fragment that is not meant to run is fenced as ```py."""
+docs pages (each page's ```python blocks in order, in one namespace). A fragment
+that is not meant to run is fenced as ```py."""
 
 import inspect
 import pathlib

@@ -32,7 +32,11 @@ def test_example_quick(script, figure):
     env.pop("JAX_CHECK_TRACER_LEAKS", None)
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), "--quick"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert png.exists() and png.stat().st_size > 0
