@@ -7,10 +7,10 @@ tfimm (TensorFlow) reports for `lora.create_model("convnext_tiny", lora_rank=2)`
 
 This script builds ConvNeXt-tiny as tfimm defines it (depths (3, 3, 9, 3), dims
 (96, 192, 384, 768), depthwise 7x7 convolution, LayerNorm, pointwise MLP with 4x
-expansion as Linear layers, layer scale), randomly initialised, adapts the two MLP layers
-of every block with `where=` (a regex), prints the summary and PEFT's line, and runs one forward
-pass on a small image. It saves a bar chart of the trainable parameters per stage to
-`examples/out/convnext_lora.png`.
+expansion as Linear layers, layer scale), randomly initialised, adapts the two MLP
+layers of every block with `where=` (a regex), prints the summary and PEFT's line, and
+runs one forward pass on a small image. It saves a bar chart of the trainable
+parameters per stage to `examples/out/convnext_lora.png`.
 
     python examples/convnext_lora.py          # about a minute on a CPU (compilation)
     python examples/convnext_lora.py --quick  # smaller image and no table
