@@ -14,7 +14,7 @@ from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._broadcast import along_output
 from ._dropout import dropout as apply_dropout
 from ._lora import Init, lora_scaling
-from ._rules import Dims, join_dims, lowrank_product
+from ._rules import Dims, join_dims, lowrank_product, result_order
 from ._validate import (
     check_dtype,
     check_key,
@@ -199,6 +199,12 @@ def _delta(w, a, b, m, scaling, axis):
 
 @quax.quaxify
 def _dora_dot(w, a, b, m, scaling, axis, other, dims: Dims, params, key=None, rate=0.0):
+    dims, perm = result_order(dims, w.ndim, other.ndim, params)
+    out = _dora_product(w, a, b, m, scaling, axis, other, dims, params, key, rate)
+    return out if perm is None else lax.transpose(out, perm)
+
+
+def _dora_product(w, a, b, m, scaling, axis, other, dims: Dims, params, key, rate):
     n = a.ndim
     g = m / lax.stop_gradient(_norm(w, a, b, scaling, axis))
     a = a * expand_scaling(scaling, a)

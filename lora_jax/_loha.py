@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._dropout import module_keep, unit_mask
-from ._rules import Dims, join_dims, lowrank_product, product_sharding
+from ._rules import Dims, lowrank_product, plain_product, product_sharding, result_order
 from ._validate import (
     check_dtype,
     check_key,
@@ -192,11 +192,10 @@ def _face_split(w1a, w1b, w2a, w2b):
 
 @quax.quaxify
 def _loha_dot(w, a, b, scaling, other, dims: Dims, params):
-    dn = join_dims(*dims)
-    out = lax.dot_general(w, other, dn, **params) if dims.adapter_lhs else (
-        lax.dot_general(other, w, dn, **params)
-    )
+    dims, perm = result_order(dims, w.ndim, other.ndim, params)
+    out = plain_product(w, other, dims, params)
     a = a * expand_scaling(scaling, a)
     sharding = product_sharding(params.get("out_sharding"), out)
     delta = lowrank_product(a, b, other, dims, params.get("precision"), sharding)
-    return out + delta.astype(out.dtype)
+    out = out + delta.astype(out.dtype)
+    return out if perm is None else lax.transpose(out, perm)

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._dropout import dropout as apply_dropout
-from ._rules import Dims, join_dims, lowrank_product, product_sharding
+from ._rules import Dims, lowrank_product, plain_product, product_sharding, result_order
 from ._validate import (
     check_dtype,
     check_key,
@@ -175,12 +175,12 @@ def _delta(a, b, scaling):
 
 @quax.quaxify
 def _lora_dot(w, a, b, scaling, other, dims: Dims, params, key=None, rate=0.0):
-    out = lax.dot_general(w, other, join_dims(*dims), **params) if dims.adapter_lhs else (
-        lax.dot_general(other, w, join_dims(*dims), **params)
-    )
+    dims, perm = result_order(dims, w.ndim, other.ndim, params)
+    out = plain_product(w, other, dims, params)
     a = a * expand_scaling(scaling, a)
     # The caller's `out_sharding` is the result's; the thin products derive theirs.
     sharding = product_sharding(params.get("out_sharding"), out)
     other = apply_dropout(key, rate, other)
     delta = lowrank_product(a, b, other, dims, params.get("precision"), sharding)
-    return out + delta.astype(out.dtype)
+    out = out + delta.astype(out.dtype)
+    return out if perm is None else lax.transpose(out, perm)

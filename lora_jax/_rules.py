@@ -84,6 +84,41 @@ def output_position(dims: Dims, adapter_ndim: int, other_ndim: int, d: int):
 # ---------------------------------------------------------------------------------------
 
 
+def result_order(dims: Dims, adapter_ndim: int, other_ndim: int, params) -> tuple[Dims, Any]:
+    """The order in which to compute an adapted product: `(dims, perm)`, where `perm`
+    (or `None`) is the transpose that brings the result to `dot_general`'s layout.
+
+    Under `vmap`, JAX binds `W @ x` as `dot_general(W, X)` with the mapped axis free on
+    `X`'s side, laid out after `W`'s free axis, and then moves it to the front: the
+    consumer transposes. XLA folds that transpose into a plain `dot`, but not through
+    the sum `w·x + s·a·(b·x)`, and the transposed read of a full activation is what
+    made quax's example slow. So with the matrix on the left and free axes on both
+    sides, the product is computed with the operands swapped, in the layout the
+    consumer wants, and transposed once at the end: the consumer's transpose then
+    cancels against it and XLA emits no copy.
+    """
+    n_free = adapter_ndim - len(dims.adapter_contract) - len(dims.adapter_batch)
+    o_free = other_ndim - len(dims.other_contract) - len(dims.other_batch)
+    if (
+        not dims.adapter_lhs
+        or n_free != 1
+        or o_free == 0
+        or params.get("out_sharding") is not None
+    ):
+        return dims, None
+    nb = len(dims.adapter_batch)
+    perm = (*range(nb), nb + o_free, *range(nb, nb + o_free))
+    return dims._replace(adapter_lhs=False), perm
+
+
+def plain_product(w, other, dims: Dims, params):
+    """`dot_general` of the stored matrix `w` with `other`, on the side `dims` says."""
+    dn = join_dims(*dims)
+    if dims.adapter_lhs:
+        return lax.dot_general(w, other, dn, **params)
+    return lax.dot_general(other, w, dn, **params)
+
+
 def _dot(lhs, rhs, dimension_numbers, precision, preferred_element_type=None, **kw):
     return lax.dot_general(
         lhs,
