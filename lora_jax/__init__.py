@@ -48,4 +48,7 @@ from ._summary import (
 )
 
 
-__version__ = importlib.metadata.version("lora_jax")
+try:
+    __version__ = importlib.metadata.version("lora_jax")
+except importlib.metadata.PackageNotFoundError:  # a source checkout, not installed
+    __version__ = "0+unknown"
