@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling
 from ._dropout import module_keep, unit_mask
-from ._rules import Dims, join_dims
+from ._rules import Dims, join_dims, plain_product, result_order
 from ._validate import (
     check_dtype,
     check_key,
@@ -257,10 +257,14 @@ def _factors(w1, w1_a, w1_b, w2, w2_a, w2_b):
 def _lokr_dot(w, w1, w2, scaling, transposed, other, dims: Dims, params, rows=None, keep=None):
     """`rows`: a rank-dropout mask over the adapted matrix's output rows; `keep`: the
     module-dropout scalar; `None` when off."""
+    dims, perm = result_order(dims, w.ndim, other.ndim, params)
+    out = _lokr_product(w, w1, w2, scaling, transposed, other, dims, params, rows, keep)
+    return out if perm is None else lax.transpose(out, perm)
+
+
+def _lokr_product(w, w1, w2, scaling, transposed, other, dims: Dims, params, rows, keep):
     dn = join_dims(*dims)
-    out = lax.dot_general(w, other, dn, **params) if dims.adapter_lhs else (
-        lax.dot_general(other, w, dn, **params)
-    )
+    out = plain_product(w, other, dims, params)
     w1 = w1 * scaling.astype(w1.dtype)
     if keep is not None:
         w1 = w1 * keep
