@@ -253,7 +253,8 @@ def torch_contenders(cfg, wanted, notes):
 
     def plain():
         torch.manual_seed(0)
-        m = TNet().to(device=dev, dtype=dtype)
+        with torch.device(dev):  # initialised where it runs: no host copy
+            m = TNet().to(dtype=dtype)
         m.requires_grad_(False)
         return m
 
