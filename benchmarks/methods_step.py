@@ -1,14 +1,15 @@
 """One training step of LoRA, DoRA, LoKr and LoHa against the floor (forward + input
-gradient of the plain model), on a stack of residual MLP blocks. CPU, interleaved runs
-in one process, median of `--runs` each after warm-up.
+gradient of the plain model), on a stack of residual MLP blocks, on JAX's default
+device. Interleaved runs in one process, median of `--runs` each after warm-up.
 
-    PYTHONPATH=. python benchmarks/methods_step.py [--runs 20] [--jaxpr]
+    PYTHONPATH=. python benchmarks/methods_step.py [--runs 20] [--jaxpr] [--out FILE]
 
 `--jaxpr` also lists, for each variant, the transposes and the intermediates of a full
 weight's size (other than the weights themselves) in the step's jaxpr.
 """
 
 import argparse
+import datetime
 import statistics
 import time
 
@@ -93,6 +94,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--jaxpr", action="store_true")
+    parser.add_argument("--out", default=None, help="markdown file for the table")
     args = parser.parse_args()
 
     key = jr.key(0)
@@ -115,16 +117,33 @@ def main():
             jax.block_until_ready(f())
             times[k].append(time.perf_counter() - t0)
     floor = statistics.median(times["floor"])
-    print(f"{DEPTH} residual MLP blocks {WIDTH}->{HIDDEN}->{WIDTH}, batch {BATCH}, rank {RANK}, "
-          f"{jax.devices()[0].platform}, median of {args.runs}")
+    lines = [
+        f"# LoRA, DoRA, LoKr, LoHa: one training step against the floor "
+        f"({datetime.date.today()})",
+        "",
+        f"{DEPTH} residual MLP blocks {WIDTH}->{HIDDEN}->{WIDTH}, batch {BATCH}, rank "
+        f"{RANK}, float32, {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+        f"median of {args.runs}",
+        "",
+        "| variant | ms | × floor |",
+        "|---|---:|---:|",
+    ]
     for k, ts in times.items():
         m = statistics.median(ts)
-        print(f"  {k:6s} {1e3 * m:8.2f} ms   {m / floor:5.3f}x floor")
+        lines.append(f"| {k} | {1e3 * m:.2f} | {m / floor:.3f} |")
     if args.jaxpr:
         shapes = {(HIDDEN, WIDTH), (WIDTH, HIDDEN)}
+        lines.append("")
         for k, make in jaxprs.items():
             transposes, full = inspect(make(), shapes)
-            print(f"{k}: transposes {transposes}; full-size intermediates {full}")
+            lines.append(
+                f"- {k}: transposes {transposes}; full-size intermediates {full}"
+            )
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Quantised base weights on CPU: bytes, output error, and one QLoRA training step.
+"""Quantised base weights: bytes, output error, and one QLoRA training step.
 
-    python benchmarks/quant.py [--rounds 20]
+    python benchmarks/quant.py [--rounds 20] [--out FILE]
 
 1. A 2048x8192 bfloat16 weight: bytes of NF4 (with and without double quantisation)
    and int8 against bfloat16, and the relative error of `x @ w.T` (float32) for a
@@ -9,7 +9,7 @@
    512->2048->512, batch 512, rank 8, float32, with NF4 / int8 / float32 bases, against
    the floor: forward + input gradient of the plain model (`jax.vjp` wrt the input).
    Variants are timed interleaved; median of `--rounds`.
-Writes the table to benchmarks/results/quant_cpu.md.
+Writes the table to `--out` (default benchmarks/results/quant_cpu.md).
 """
 
 import argparse
@@ -119,13 +119,17 @@ def step_table(key, rounds):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=20)
+    default_out = pathlib.Path(__file__).parent / "results" / "quant_cpu.md"
+    parser.add_argument("--out", default=str(default_out), help="markdown file")
     args = parser.parse_args()
+    device = jax.devices()[0]
     key = jr.key(0)
     lines = [
-        f"# Quantised base weights on CPU ({datetime.date.today().isoformat()})",
+        f"# Quantised base weights on {device.platform.upper()} "
+        f"({datetime.date.today().isoformat()})",
         "",
         f"processor: `{platform.processor() or platform.machine()}`, jax {jax.__version__}, "
-        f"devices: {jax.devices()[0].device_kind} x{len(jax.devices())}",
+        f"devices: {device.device_kind} x{len(jax.devices())}",
         "",
         "## A 2048x8192 bfloat16 weight",
         "",
@@ -147,8 +151,8 @@ def main():
         lines.append(f"| {name} | {t * 1e3:.1f} | {ratio:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = pathlib.Path(__file__).parent / "results" / "quant_cpu.md"
-    out.parent.mkdir(exist_ok=True)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
 
 

@@ -1,22 +1,40 @@
-"""One LoRA training step against the floor, quax's example and full fine-tuning.
+"""One adapter training step against the floor: lora_jax's methods, quax's example, full
+fine-tuning, and PEFT on PyTorch (eager and `torch.compile`), on the same shapes.
 
-The floor is the forward pass plus the input-gradient of the plain model: what any LoRA
-step must do (the gradient has to flow back through every frozen layer). Each contender
-is jitted, warmed up, then timed in interleaved rounds in one process; the table gives
-medians and ratios to the floor.
+The floor is the forward pass plus the input-gradient of the plain model: what any
+adapter step must do (the gradient has to flow back through every frozen layer). Every
+contender is compiled and warmed up, then all are timed in interleaved rounds in one
+process; the table gives the median of each, its ratio to the floor and its memory.
 
-    python benchmarks/step.py                 # the CPU shapes (4 blocks 512->2048->512)
-    python benchmarks/step.py --preset gpu    # the H100 shapes, bf16
+    python benchmarks/step.py --preset tiny             # smoke test (seconds)
+    python benchmarks/step.py                           # the CPU shapes
+    python benchmarks/step.py --preset gpu --out step_gpu.md
+    python benchmarks/step.py --only lora,peft          # some rows (floors always run)
+
+Rows (`--only` names): floor, lora, dora, lokr, loha, quax, full, torch-floor,
+torch-floor-compile, peft, peft-compile. The torch rows need `torch` and `peft`; they
+are skipped with a note when either does not import.
 """
 
 import argparse
 import datetime
+import importlib.metadata
+import os
+import pathlib
 import platform
 import statistics
+import subprocess
+import sys
 import time
+import traceback
 
-import equinox as eqx
-import jax
+
+# torch's OpenMP workers otherwise spin between ops and take the cores from XLA's
+# threads on a CPU run (the rounds interleave the two).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
@@ -24,13 +42,42 @@ import optax
 import quax
 import quax.examples.lora as quax_lora
 
-import lora_jax as lora
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout
+import lora_jax as lora  # noqa: E402
 
 
 PRESETS = {
-    "cpu": dict(blocks=4, d=512, hidden=2048, tokens=512, rank=8, dtype="float32"),
-    "gpu": dict(blocks=8, d=2048, hidden=8192, tokens=8192, rank=16, dtype="bfloat16"),
+    "tiny": dict(
+        blocks=2, d=64, hidden=256, tokens=64, rank=4, dtype="float32", rounds=5
+    ),
+    "cpu": dict(
+        blocks=4, d=512, hidden=2048, tokens=512, rank=8, dtype="float32", rounds=15
+    ),
+    "gpu": dict(
+        blocks=8, d=2048, hidden=8192, tokens=8192, rank=16, dtype="bfloat16", rounds=30
+    ),
 }
+ROWS = (
+    "floor",
+    "lora",
+    "dora",
+    "lokr",
+    "loha",
+    "quax",
+    "full",
+    "torch-floor",
+    "torch-floor-compile",
+    "peft",
+    "peft-compile",
+)
+# LoKr splits each dimension as (4, dim/4): w1 is 4x4 and w2 is (out/4, in/4) held as a
+# product of rank 4r, so its budget is LoRA's r·(out+in) plus 16.
+LOKR_FACTOR = 4
+MIB = 2.0**20
+
+
+# ---------------------------------------------------------------------------- models
 
 
 class Block(eqx.Module):
@@ -43,7 +90,7 @@ class Block(eqx.Module):
         self.down = eqx.nn.Linear(hidden, d, use_bias=False, dtype=dtype, key=k2)
 
     def __call__(self, x):  # x: (tokens, d); Linear layers vmapped over tokens
-        h = jax.nn.gelu(jax.vmap(self.up)(x))
+        h = jax.nn.gelu(jax.vmap(self.up)(x))  # tanh approximation, as torch's below
         return x + jax.vmap(self.down)(h)
 
 
@@ -60,8 +107,11 @@ def loss_fn(model, x):
     return jnp.mean(model(x).astype(jnp.float32) ** 2)
 
 
-def factors_filter(model):
-    """a and b of any LoRA value (ours or quax's): the trainable leaves."""
+# ------------------------------------------------------------------ JAX contenders
+
+
+def quax_factors(model):
+    """a and b of quax's LoraArray: the trainable leaves."""
 
     def is_factor(path, leaf):
         return (
@@ -73,13 +123,55 @@ def factors_filter(model):
     return jtu.tree_map_with_path(is_factor, model)
 
 
-def make_lora_step(model, opt):
-    params, frozen = eqx.partition(model, factors_filter(model))
+def n_params(tree):
+    return sum(x.size for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x))
+
+
+def memory(compiled):
+    """argument + output + temp − alias bytes of a compiled step, and its temp bytes."""
+    try:
+        m = compiled.memory_analysis()
+        total = (
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            + m.temp_size_in_bytes
+            - m.alias_size_in_bytes
+        )
+        return total, m.temp_size_in_bytes
+    except Exception:  # some backends give no analysis
+        return None, None
+
+
+class JaxContender:
+    """A compiled step and the state it threads through the rounds."""
+
+    def __init__(self, compiled, args, threaded, trainable):
+        self.compiled, self.args, self.threaded = compiled, list(args), threaded
+        self.trainable = trainable
+        self.mem, self.temp = memory(compiled)
+
+    def __call__(self):
+        out = self.compiled(*self.args)
+        if self.threaded:  # (params, opt_state) come back and go in again
+            self.args[0], self.args[1] = out
+        return out
+
+    def sync(self, out):
+        jax.block_until_ready(out)
+
+
+def jax_floor(model, x):
+    fn = jax.jit(lambda model, x: jax.grad(loss_fn, argnums=1)(model, x))
+    return JaxContender(fn.lower(model, x).compile(), (model, x), False, 0)
+
+
+def jax_adapter_step(model, x, opt, split):
+    params, frozen = split(model)
     frozen_arrays, static = eqx.partition(frozen, eqx.is_array)
 
     # Every array is an argument: a closed-over weight would be a compile-time
-    # constant, which XLA may fold (and which no real training loop has).
-    @jax.jit
+    # constant, which XLA may fold (and which no real training loop has). The trained
+    # leaves and the optimiser state are donated, as in a training loop.
     def step(params, state, frozen_arrays, x):
         def loss(p):
             model = eqx.combine(p, frozen_arrays, static)
@@ -89,89 +181,395 @@ def make_lora_step(model, opt):
         updates, state = opt.update(g, state, params)
         return optax.apply_updates(params, updates), state
 
-    return lambda params, state, x: step(params, state, frozen_arrays, x), (
-        params,
-        opt.init(params),
-    )
+    args = (params, opt.init(params), frozen_arrays, x)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+    return JaxContender(compiled, args, True, n_params(params))
 
 
-def make_full_step(model, opt):
+def jax_full_step(model, x, opt):
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
-    @jax.jit
     def step(params, state, x):
         g = jax.grad(lambda p: loss_fn(eqx.combine(p, static), x))(params)
         updates, state = opt.update(g, state, params)
         return optax.apply_updates(params, updates), state
 
-    return step, (params, opt.init(params))
+    # Copies: the donated buffers must not be the plain model's, which the floor uses.
+    params = jtu.tree_map(jnp.copy, params)
+    args = (params, opt.init(params), x)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+    return JaxContender(compiled, args, True, n_params(params))
 
 
-def make_floor(model):
-    @jax.jit
-    def floor(model, x):
-        return jax.grad(loss_fn, argnums=1)(model, x)
+def method_configs(rank):
+    """(rank, options) per lora_jax method, chosen so each trains about LoRA's
+    r·(in+out) parameters per matrix."""
+    return {
+        "lora": (rank, {}),  # r·(in+out)
+        "dora": (rank, {}),  # r·(in+out) + out magnitudes
+        # (w1a@w1b) ⊙ (w2a@w2b): two pairs of factors, so half the rank.
+        "loha": (max(1, rank // 2), {}),
+        "lokr": (LOKR_FACTOR * rank, {"decompose_factor": LOKR_FACTOR}),
+    }
 
-    return floor
+
+# ---------------------------------------------------------------- torch contenders
 
 
-def timeit(fn, rounds):
-    times = {name: [] for name in fn}
+def torch_contenders(cfg, wanted, notes):
+    """PEFT LoRA on the same architecture, and torch's own floor. `{}` (with a note)
+    when torch or peft does not import."""
+    try:
+        import peft
+        import torch
+        import torch.nn as nn
+        import torch.nn.functional as F
+    except Exception as e:  # ImportError, or a broken install
+        notes.append(f"torch rows skipped: {type(e).__name__}: {e}")
+        return {}, None
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, cfg["dtype"])
+
+    class TBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(cfg["d"], cfg["hidden"], bias=False)
+            self.down = nn.Linear(cfg["hidden"], cfg["d"], bias=False)
+
+        def forward(self, x):
+            return x + self.down(F.gelu(self.up(x), approximate="tanh"))
+
+    class TNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(TBlock() for _ in range(cfg["blocks"]))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    def plain():
+        torch.manual_seed(0)
+        with torch.device(dev):  # initialised where it runs: no host copy
+            m = TNet().to(dtype=dtype)
+        m.requires_grad_(False)
+        return m
+
+    x = torch.randn(cfg["tokens"], cfg["d"], device=dev, dtype=dtype)
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    class Floor:
+        def __init__(self, compiled):
+            self.model = plain()
+            self.run = torch.compile(self.model) if compiled else self.model
+            self.x = x.clone().requires_grad_(True)
+            self.trainable = 0
+
+        def __call__(self):
+            loss = self.run(self.x).float().square().mean()
+            (g,) = torch.autograd.grad(loss, self.x)
+            return g
+
+        def prepare(self):  # before a memory reading
+            pass
+
+        def resident(self):
+            return nbytes(self.model.parameters()) + nbytes([self.x])
+
+    class Peft:
+        def __init__(self, compiled):
+            config = peft.LoraConfig(
+                r=cfg["rank"], lora_alpha=2 * cfg["rank"], target_modules=["up", "down"]
+            )
+            # autocast_adapter_dtype=False: the adapters take the base's dtype (bf16 on
+            # the gpu preset), as lora_jax's factors do; PEFT's default would make them
+            # float32.
+            self.model = peft.get_peft_model(
+                plain(), config, autocast_adapter_dtype=False
+            )
+            self.run = torch.compile(self.model) if compiled else self.model
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self.trainable = sum(p.numel() for p in self.params)
+            # fused=True: torch's fastest AdamW on CUDA (optax's is fused by XLA).
+            self.opt = torch.optim.AdamW(
+                self.params, lr=1e-4, **({"fused": True} if cuda else {})
+            )
+
+        def __call__(self):
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.run(x).float().square().mean()
+            loss.backward()
+            self.opt.step()
+            return loss
+
+        def prepare(self):
+            self.opt.zero_grad(set_to_none=True)
+
+        def resident(self):
+            state = [
+                v
+                for s in self.opt.state.values()
+                for v in s.values()
+                if torch.is_tensor(v)
+            ]
+            return nbytes(self.model.parameters()) + nbytes(state) + nbytes([x])
+
+    makers = {
+        "torch-floor": lambda: Floor(False),
+        "torch-floor-compile": lambda: Floor(True),
+        "peft": lambda: Peft(False),
+        "peft-compile": lambda: Peft(True),
+    }
+    out = {name: make() for name, make in makers.items() if name in wanted}
+    for c in out.values():
+        c.sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
+
+    def measure(c):
+        """resident bytes + the step's peak over what was allocated before it."""
+        if not cuda:
+            return None, None
+        c.prepare()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        c.sync(c())
+        transient = torch.cuda.max_memory_allocated() - before
+        return c.resident() + transient, transient
+
+    info = dict(
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+        versions=f"torch {torch.__version__}, peft {peft.__version__}",
+        measure=measure,
+    )
+    return out, info
+
+
+# ------------------------------------------------------------------------- running
+
+
+def version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def git_commit():
+    try:
+        root = pathlib.Path(__file__).resolve().parents[1]
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "?"
+    except Exception:
+        return "?"
+
+
+def timeit(contenders, rounds):
+    times = {name: [] for name in contenders}
     for _ in range(rounds):
-        for name, f in fn.items():
+        for name, c in contenders.items():
             t = time.perf_counter()
-            jax.block_until_ready(f())
+            c.sync(c())
             times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main(preset, rounds):
+def fmt_mib(b):
+    return "n/a" if b is None else f"{b / MIB:,.1f}"
+
+
+def main(preset, rounds, only):
     cfg = PRESETS[preset]
+    rounds = rounds or cfg["rounds"]
+    wanted = set(ROWS if only is None else only) | {"floor"}
+    if "peft" in wanted:
+        wanted.add("torch-floor")
+    if "peft-compile" in wanted:
+        wanted.add("torch-floor-compile")
     dtype = jnp.dtype(cfg["dtype"])
     keys = jr.split(jr.key(0), cfg["blocks"] + 2)
     model = Net([Block(cfg["d"], cfg["hidden"], dtype, k) for k in keys[:-2]])
     x = jr.normal(keys[-1], (cfg["tokens"], cfg["d"]), dtype)
     opt = optax.adamw(1e-4)
+    labels, notes, contenders = {}, [], {}
 
-    ours = lora.loraify(model, rank=cfg["rank"], alpha=2.0 * cfg["rank"], key=keys[-2])
-    theirs = quax_lora.loraify(model, rank=cfg["rank"], key=keys[-2])
-    floor = make_floor(model)
-    contenders = {"floor (fwd + input grad)": lambda: floor(model, x)}
-    state = {}
-    for name, m, maker in (
-        ("lora_jax", ours, make_lora_step),
-        ("quax.examples.lora", theirs, make_lora_step),
-        ("full fine-tune", model, make_full_step),
-    ):
-        step, s = maker(m, opt)
-        state[name] = s
+    def add(name, label, make):
+        if name not in wanted:
+            return
+        t = time.perf_counter()
+        try:
+            contenders[name] = make()
+        except Exception as e:
+            traceback.print_exc()
+            notes.append(f"{name} failed to build: {type(e).__name__}: {e}")
+            return
+        labels[name] = label
+        print(f"built {name} in {time.perf_counter() - t:.1f} s", flush=True)
 
-        def run(name=name, step=step):
-            out = step(*state[name], x)
-            state[name] = out
-            return out
+    r = cfg["rank"]
+    add("floor", "JAX floor (fwd + input grad)", lambda: jax_floor(model, x))
+    for method, (rank, options) in method_configs(r).items():
+        opts = ", ".join(f"{k}={v}" for k, v in options.items())
+        label = f"lora_jax {method} (rank {rank}{', ' + opts if opts else ''})"
+        add(
+            method,
+            label,
+            lambda method=method, rank=rank, options=options: jax_adapter_step(
+                lora.loraify(
+                    model,
+                    rank=rank,
+                    alpha=2.0 * rank,
+                    method=method,
+                    key=keys[-2],
+                    **options,
+                ),
+                x,
+                opt,
+                lora.partition,
+            ),
+        )
+    add(
+        "quax",
+        f"quax.examples.lora (rank {r})",
+        lambda: jax_adapter_step(
+            quax_lora.loraify(model, rank=r, key=keys[-2]),
+            x,
+            opt,
+            lambda m: eqx.partition(m, quax_factors(m)),
+        ),
+    )
+    add("full", "JAX full fine-tune", lambda: jax_full_step(model, x, opt))
+    jax_peaks = {}
+    torch_info = None
+    if wanted & {"torch-floor", "torch-floor-compile", "peft", "peft-compile"}:
+        t = time.perf_counter()
+        try:
+            built, torch_info = torch_contenders(cfg, wanted, notes)
+        except Exception as e:
+            traceback.print_exc()
+            notes.append(f"torch rows failed to build: {type(e).__name__}: {e}")
+            built = {}
+        tlabels = {
+            "torch-floor": "torch floor (eager)",
+            "torch-floor-compile": "torch floor (torch.compile)",
+            "peft": f"PEFT LoRA, torch eager (rank {r})",
+            "peft-compile": f"PEFT LoRA, torch.compile (rank {r})",
+        }
+        for name, c in built.items():
+            contenders[name], labels[name] = c, tlabels[name]
+        print(f"built torch rows in {time.perf_counter() - t:.1f} s", flush=True)
 
-        contenders[name] = run
-    for f in contenders.values():  # compile and warm up
-        jax.block_until_ready(f())
-        jax.block_until_ready(f())
+    # Warm up: three calls each (torch.compile compiles on the first ones). A contender
+    # that fails here is dropped with a note, and the others go on.
+    for name in list(contenders):
+        t = time.perf_counter()
+        try:
+            for _ in range(3):
+                contenders[name].sync(contenders[name]())
+        except Exception as e:
+            traceback.print_exc()
+            notes.append(f"{name} failed in warm-up: {type(e).__name__}: {e}")
+            del contenders[name]
+            continue
+        print(f"warmed {name} in {time.perf_counter() - t:.1f} s", flush=True)
+        if isinstance(contenders[name], JaxContender):
+            stats = jax.devices()[0].memory_stats() or {}
+            if "peak_bytes_in_use" in stats:
+                jax_peaks[name] = stats["peak_bytes_in_use"]
+    for name, c in contenders.items():
+        if not isinstance(c, JaxContender):
+            c.mem, c.temp = torch_info["measure"](c)
+
     med = timeit(contenders, rounds)
-    base = med["floor (fwd + input grad)"]
+    base = med["floor"]
+    torch_base = {
+        "torch-floor": med.get("torch-floor"),
+        "peft": med.get("torch-floor"),
+        "torch-floor-compile": med.get("torch-floor-compile"),
+        "peft-compile": med.get("torch-floor-compile"),
+    }
     device = jax.devices()[0].device_kind
+    processor = platform.processor() or platform.machine()
+    versions = ", ".join(
+        [
+            f"jax {jax.__version__}",
+            f"jaxlib {version('jaxlib')}",
+            f"equinox {eqx.__version__}",
+            f"quax {version('quax')}",
+            f"optax {optax.__version__}",
+            f"lora_jax {version('lora_jax')} (commit {git_commit()})",
+        ]
+    )
+    if torch_info:
+        versions += f", {torch_info['versions']}"
+    d, h, k = cfg["d"], cfg["hidden"], LOKR_FACTOR
+    devices = f"JAX device: {device}"
+    if torch_info:
+        devices += f"; torch device: {torch_info['device']}"
     lines = [
-        f"# LoRA step vs floor ({preset} preset)",
+        f"# Adapter training step vs the floor ({preset} preset)",
         "",
-        f"- date: {datetime.date.today()}; device: {device}; jax {jax.__version__}; "
-        f"{platform.processor() or platform.machine()}",
-        f"- shapes: {cfg['blocks']} residual blocks {cfg['d']}->{cfg['hidden']}->{cfg['d']}, "
-        f"{cfg['tokens']} tokens, rank {cfg['rank']}, {cfg['dtype']}, AdamW on the trained "
-        f"leaves; median of {rounds} interleaved rounds",
-        "",
-        "| contender | ms / step | × floor |",
-        "|---|---:|---:|",
+        f"- date: {datetime.date.today()}; {devices}; host: {processor}, "
+        f"python {platform.python_version()}",
+        f"- versions: {versions}",
+        f"- shapes: {cfg['blocks']} residual blocks x + Linear({d}->{h}, no bias) -> "
+        f"gelu (tanh) -> Linear({h}->{d}), {cfg['tokens']} tokens, {cfg['dtype']}; "
+        "loss mean(square) in float32; AdamW on the trained leaves; median of "
+        f"{rounds} interleaved rounds after 3 warm-up calls each",
+        f"- parameter budgets: LoRA, DoRA, quax and PEFT at rank {r} train "
+        "r·(in+out) per matrix (DoRA adds its `out` magnitudes); LoHa at rank "
+        f"{max(1, r // 2)} has two factor pairs, so the same count; LoKr with "
+        f"decompose_factor={k} (w1 {k}x{k}, w2 of size out/{k} x in/{k} held at "
+        f"rank {k * r}) the same plus {k * k}. PEFT's default LoKr split (near "
+        "square roots) could not reach that budget. The column gives the exact "
+        "counts.",
+        "- × floor: against the JAX floor (forward + gradient wrt the input of the "
+        "plain model). × torch floor: against torch's own floor, eager for eager "
+        "rows and torch.compile for compiled rows.",
+        "- memory: JAX rows: the compiled step's argument + output + temp − alias "
+        "bytes (`compiled.memory_analysis()`; the trained leaves and optimiser "
+        "state are donated); temp: its temp bytes. torch rows (CUDA only): the "
+        "bytes this contender holds (weights, adapters, optimiser state, input) + "
+        "the step's `torch.cuda.max_memory_allocated()` over what was allocated "
+        "before it (reset per contender); temp: that transient part.",
+        "- PEFT: LoraConfig(r, lora_alpha=2r, target_modules=[up, down]), "
+        "get_peft_model(autocast_adapter_dtype=False) so adapters take the base "
+        "dtype; torch.optim.AdamW (fused on CUDA); a step = zero_grad, forward, "
+        "loss, backward, optimiser step; torch.compile wraps the PEFT model (the "
+        "optimiser step is eager).",
     ]
-    for name, t in med.items():
-        lines.append(f"| {name} | {1e3 * t:.2f} | {t / base:.3f} |")
+    if jax_peaks:
+        lines.append(
+            "- JAX device `peak_bytes_in_use` after each JAX contender's warm-up (a "
+            "running maximum over the process, so only growth shows): "
+            + ", ".join(f"{k} {fmt_mib(v)} MiB" for k, v in jax_peaks.items())
+        )
+    lines += [f"- note: {n}" for n in notes]
+    lines += [
+        "",
+        "| contender | trained params | ms / step | × floor | × torch floor "
+        "| memory MiB | temp MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ROWS:
+        if name not in med:
+            continue
+        t, c = med[name], contenders[name]
+        tb = torch_base.get(name)
+        lines.append(
+            f"| {labels[name]} | {c.trainable:,} | {1e3 * t:.2f} | {t / base:.3f} "
+            f"| {'' if tb is None else f'{t / tb:.3f}'} | {fmt_mib(c.mem)} "
+            f"| {fmt_mib(c.temp)} |"
+        )
     table = "\n".join(lines)
     print(table)
     return table
@@ -180,10 +578,19 @@ def main(preset, rounds):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=PRESETS, default="cpu")
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=None, help="default: the preset's")
+    p.add_argument(
+        "--only", default=None, help=f"comma-separated rows of {', '.join(ROWS)}"
+    )
     p.add_argument("--out", default=None, help="write the table to this markdown file")
     args = p.parse_args()
-    table = main(args.preset, args.rounds)
+    only = None
+    if args.only is not None:
+        only = [s.strip() for s in args.only.split(",") if s.strip()]
+        bad = [s for s in only if s not in ROWS]
+        if bad:
+            p.error(f"--only: unknown rows {bad}; choose from {', '.join(ROWS)}")
+    table = main(args.preset, args.rounds, only)
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
