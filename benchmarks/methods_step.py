@@ -83,7 +83,7 @@ def inspect(jaxpr, weight_shapes):
                 shape = tuple(getattr(v.aval, "shape", ()))
                 if shape in weight_shapes and eqn.primitive.name not in ("pjit",):
                     full.append((eqn.primitive.name, shape))
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 visit(sub)
 
     visit(jaxpr.jaxpr)
