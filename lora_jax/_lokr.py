@@ -223,15 +223,19 @@ class LokrArray(AbstractAdapter):
         return d.T if self.transposed else d
 
     def dot_general(self, other, dims: Dims, params):
-        w1, w2 = self.factors()
+        # A decomposed factor is applied as its two thin factors, never multiplied out:
+        # `w2` is the large one (about `out/f × in/f`).
+        w1 = self.w1 if self.w1 is not None else (self.w1_a, self.w1_b)
+        w2 = self.w2 if self.w2 is not None else (self.w2_a, self.w2_b)
         rows = keep = None
         if self.dropout_key is not None:
             k_rank, k_module = jr.split(self.dropout_key)
             if self.rank_dropout > 0:
-                rows = unit_mask(k_rank, self.rank_dropout, (w1.shape[0] * w2.shape[0],),
-                                 w1.dtype, rescale=self.rank_dropout_scale)
+                n_rows = _shape(w1)[0] * _shape(w2)[0]
+                rows = unit_mask(k_rank, self.rank_dropout, (n_rows,),
+                                 _dtype(w1), rescale=self.rank_dropout_scale)
             if self.module_dropout > 0:
-                keep = module_keep(k_module, self.module_dropout, (), w1.dtype)
+                keep = module_keep(k_module, self.module_dropout, (), _dtype(w1))
         return _lokr_dot(
             self.w, w1, w2, lax.stop_gradient(self.scaling), self.transposed, other, dims,
             params, rows, keep,
@@ -265,11 +269,12 @@ def _lokr_dot(w, w1, w2, scaling, transposed, other, dims: Dims, params, rows=No
 def _lokr_product(w, w1, w2, scaling, transposed, other, dims: Dims, params, rows, keep):
     dn = join_dims(*dims)
     out = plain_product(w, other, dims, params)
-    w1 = w1 * scaling.astype(w1.dtype)
+    factor = scaling.astype(_dtype(w1))
     if keep is not None:
-        w1 = w1 * keep
-    if other.dtype != w1.dtype:
-        other = other.astype(w1.dtype)
+        factor = factor * keep
+    w1 = factor * w1 if not isinstance(w1, tuple) else (factor * w1[0], w1[1])
+    if other.dtype != _dtype(w1):
+        other = other.astype(_dtype(w1))
     precision = params.get("precision")
     if len(dims.adapter_contract) == 1 and not dims.adapter_batch:
         # The stored dimension contracted, seen on the factors (their layout is the
@@ -289,7 +294,7 @@ def _lokr_product(w, w1, w2, scaling, transposed, other, dims: Dims, params, row
     else:
         # Fallback, for products that contract both dimensions of the matrix or batch
         # over one: form the update `s·(w1 ⊗ w2)` alone (never `w + Δ`).
-        d = jnp.kron(w1, w2)
+        d = jnp.kron(_full(w1), _full(w2))
         if rows is not None:
             d = d * rows[:, None]
         d = d.T if transposed else d
@@ -304,16 +309,49 @@ def _kron_apply(w1, w2, c: int, x, e: int, adapter_lhs: bool, precision):
     `x`'s dimension `e`, in `dot_general`'s layout: `(free, *x_free)` if `adapter_lhs`
     else `(*x_free, free)`. `x`'s dimension `e` is split in place, never moved."""
     f = 1 - c
-    p1, p2 = w1.shape[c], w2.shape[c]
-    q1, q2 = w1.shape[f], w2.shape[f]
+    s1, s2 = _shape(w1), _shape(w2)
+    p1, p2 = s1[c], s2[c]
+    q1, q2 = s1[f], s2[f]
     x = x.reshape(x.shape[:e] + (p1, p2) + x.shape[e + 1 :])
     dot = lambda l, r, lc, rc: lax.dot_general(l, r, (((lc,), (rc,)), ((), ())), precision=precision)
+
+    def left(m, y, k):
+        """`dot(m, y, c, k)`: `(m's free, *y without k)`."""
+        if not isinstance(m, tuple):
+            return dot(m, y, c, k)
+        ma, mb = m  # m = ma @ mb
+        return dot(ma, dot(mb, y, 1, k), 1, 0) if c == 1 else dot(mb, dot(ma, y, 0, k), 0, 0)
+
+    def right(y, m, k):
+        """`dot(y, m, k, c)`: `(*y without k, m's free)`."""
+        if not isinstance(m, tuple):
+            return dot(y, m, k, c)
+        ma, mb = m
+        if c == 1:
+            t = dot(y, mb, k, 1)
+            return dot(t, ma, t.ndim - 1, 1)
+        t = dot(y, ma, k, 0)
+        return dot(t, mb, t.ndim - 1, 0)
+
     if adapter_lhs:
         # (q2, *x with p2 gone) then (q1, q2, *x_free).
-        t = dot(w2, x, c, e + 1)
-        u = dot(w1, t, c, 1 + e)
+        t = left(w2, x, e + 1)
+        u = left(w1, t, 1 + e)
         return u.reshape((q1 * q2,) + u.shape[2:])
     # (*x with p1 gone, q1) then (*x_free, q1, q2).
-    t = dot(x, w1, e, c)
-    u = dot(t, w2, e, c)
+    t = right(x, w1, e)
+    u = right(t, w2, e)
     return u.reshape(u.shape[:-2] + (q1 * q2,))
+
+
+def _shape(m) -> tuple[int, int]:
+    """The shape of a Kronecker factor held in full or as `(m_a, m_b)`."""
+    return (m[0].shape[0], m[1].shape[1]) if isinstance(m, tuple) else m.shape
+
+
+def _dtype(m):
+    return m[0].dtype if isinstance(m, tuple) else m.dtype
+
+
+def _full(m):
+    return m[0] @ m[1] if isinstance(m, tuple) else m
