@@ -1113,8 +1113,8 @@ def load_peft(
 
     The adapted model. Each adapted layer's weight becomes the method's value:
     a [`lora_jax.LoraArray`][] (`a = lora_B`, `b = lora_A`), a
-    [`lora_jax.DoraArray`][] (`m = lora_magnitude_vector`), a [`lora_jax.LokrArray`][]
-    or a [`lora_jax.LohaArray`][], with PEFT's scaling (`alpha/r`, or `/sqrt(r)` with
+    `lora_jax.DoraArray` (`m = lora_magnitude_vector`), a `lora_jax.LokrArray`
+    or a `lora_jax.LohaArray`, with PEFT's scaling (`alpha/r`, or `/sqrt(r)` with
     `use_rslora`; `rank_pattern`/`alpha_pattern` honoured). Saved biases and
     `modules_to_save` leaves replace the model's. Everything (the config's keys and
     values, every tensor's name and shape) is checked before the new model is built:
