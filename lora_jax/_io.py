@@ -116,6 +116,12 @@ _MAX_HEADER = 100 * 1024 * 1024
 CHECKSUM_KEY = "lora_jax_sha256"
 
 
+def check_path(path, name: str) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`{name}` must be a path (str or os.PathLike), got {type(path).__name__}.")
+    return os.fspath(path)
+
+
 def encode(tensors: dict[str, np.ndarray], metadata: dict[str, str], *, checksum: bool = True) -> bytes:
     """The bytes of a safetensors file: little-endian u64 header length, JSON header,
     then the tensors' data in header order. With `checksum`, the metadata also records
@@ -150,6 +156,10 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     never a torn one: a temporary file in the same directory, fsync, `os.replace`."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Cannot write {path!r}: the directory {directory!r} does not exist.")
+    if os.path.isdir(path):
+        raise ValueError(f"Cannot write {path!r}: it is a directory.")
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         view = memoryview(data)
@@ -337,6 +347,7 @@ def save_adapter(
         model = lora.load_adapter(path, model)
         ```
     """
+    check_path(path, "path")
     check_choice(train_bias, "train_bias", ("none", "lora_only", "all"))
     if adapter is not None:
         model = select_adapter(model, adapter)
@@ -461,7 +472,7 @@ def load_adapter(path: str | os.PathLike, model: PyTree) -> PyTree:
     half-loaded. A missing file raises FileNotFoundError; a truncated or corrupt one
     (the data's checksum is verified), a ValueError naming the file.
     """
-    tensors, metadata, info, _ = read_adapter_file(path)
+    tensors, metadata, info, _ = read_adapter_file(check_path(path, "path"))
     where = os.fspath(path)
     train_bias = metadata.get("train_bias", "none")
     trainable = _json_meta(path, metadata, "trainable")

@@ -41,6 +41,7 @@ from ._io import (
     _to_device,
     adapter_entries,
     atomic_write,
+    check_path,
     encode,
     read_adapter_file,
     read_safetensors,
@@ -52,6 +53,7 @@ from ._lokr import LokrArray, factorization
 from ._lora import LoraArray
 from ._loraify import LAYERS
 from ._multi import MultiLoraArray, adapter_names, has_stacked_adapters, put_adapter, select_adapter
+from ._quant import is_quantised
 from ._targets import name_matches, path_name, pattern_key_matches
 from ._validate import check_choice, check_dtype
 
@@ -649,10 +651,15 @@ def _other_method_suffix(rest: str, method: PeftMethod) -> PeftMethod | None:
     return None
 
 
+def _is_weight(x) -> bool:
+    """Adapters and quantised weights are leaves here (one weight each)."""
+    return is_adapter(x) or is_quantised(x)
+
+
 def _module_names(model) -> list[str]:
     """Every module (non-leaf node) name in `model`, parents first."""
     names: dict[str, None] = {}
-    for path, _ in jtu.tree_flatten_with_path(model, is_leaf=is_adapter)[0]:
+    for path, _ in jtu.tree_flatten_with_path(model, is_leaf=_is_weight)[0]:
         for i in range(1, len(path)):
             names[path_name(path[:i])] = None
     return list(names)
@@ -879,6 +886,7 @@ def save_peft(
     `decompose_both` and `decompose_factor` are those under which PEFT builds each
     layer with the factors it holds.
     """
+    check_path(directory, "directory")
     check_choice(train_bias, "train_bias", ("none", "lora_only", "all"))
     if not isinstance(rslora, bool):
         raise TypeError(f"`rslora` must be a bool, got {rslora!r}.")
@@ -1121,7 +1129,7 @@ def load_peft(
     an unsupported `peft_type`, an unknown config key, or a tensor for a module the
     model lacks raises a ValueError naming it.
     """
-    directory = os.fspath(directory)
+    directory = check_path(directory, "directory")
     config, tensors = read_peft_dir(directory)
     cpath = os.path.join(directory, CONFIG_NAME)
     method = method_for_config(config, cpath)
@@ -1150,7 +1158,7 @@ def load_peft(
     modules = _inverse(model, mapped)
     layers = _layers_by_name(model)
     leaves = {
-        path_name(p): leaf for p, leaf in jtu.tree_flatten_with_path(model, is_leaf=is_adapter)[0]
+        path_name(p): leaf for p, leaf in jtu.tree_flatten_with_path(model, is_leaf=_is_weight)[0]
     }
     leaf_names = _Resolver({_torch_leaf(mapped, n): n for n in leaves})
     wpath = os.path.join(directory, WEIGHTS_NAME)
@@ -1263,7 +1271,7 @@ def load_peft(
             return _to_device(plain_arrays[name], leaf)
         return leaf
 
-    out = jtu.tree_map_with_path(swap, model, is_leaf=is_adapter)
+    out = jtu.tree_map_with_path(swap, model, is_leaf=_is_weight)
     if adapter is not None:
         out = put_adapter(stacked, adapter, out)
     return out

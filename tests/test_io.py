@@ -451,3 +451,21 @@ def test_peft_validation_before_any_work(tmp_path, getkey, monkeypatch):
     other = Other([eqx.nn.Linear(4, 6, key=k1), eqx.nn.Linear(6, 7, key=k2)], eqx.nn.Linear(7, 3, key=k3))
     with pytest.raises(ValueError, match=r"layers\.1\.lora_B\.weight has shape \(5, 2\)"):
         lora.load_peft(tmp_path, other)
+
+
+def test_bad_paths(tmp_path, getkey):
+    model = _adapted(getkey(), rank=2)
+    with pytest.raises(TypeError, match=r"`path` must be a path \(str or os.PathLike\), got int"):
+        lora.save_adapter(5, model)
+    with pytest.raises(TypeError, match="`path` must be a path"):
+        lora.load_adapter(None, model)
+    with pytest.raises(FileNotFoundError, match=r"the directory '.*missing' does not exist"):
+        lora.save_adapter(tmp_path / "missing" / "a.safetensors", model)
+    with pytest.raises(ValueError, match="it is a directory"):
+        lora.save_adapter(tmp_path, model)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="'.*file' is a file; a PEFT adapter is a directory"):
+        lora.save_peft(tmp_path / "file", model)
+    with pytest.raises(TypeError, match="`directory` must be a path"):
+        lora.load_peft(3.0, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -586,3 +586,17 @@ def test_save_refusals(tmp_path, getkey):
     with pytest.raises(ValueError, match="cannot be described by one PEFT LoKrConfig"):
         lora.save_peft(tmp_path, two)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_load_onto_quantised_base(tmp_path, getkey, method):
+    """QLoRA's workflow: a PEFT adapter onto an int8 base; the result equals the adapter
+    on the dequantised base."""
+    base = Net(getkey())
+    lora.save_peft(tmp_path, randomise_model(lora.loraify(base, rank=2, method=method, key=getkey()), getkey()))
+    quantised = lora.quantise(base, method="int8")
+    model = lora.load_peft(tmp_path, quantised)
+    assert type(model.layers[0].weight._w).__name__ == "Int8Array"
+    xs = _inputs(getkey())
+    want = _dense_forward(lora.load_peft(tmp_path, lora.materialise(quantised)), xs)
+    assert np.allclose(_eqx_out(model, xs), want, atol=1e-5)
