@@ -1244,6 +1244,11 @@ def load_peft(
                 f"{wpath!r} has ranks {ranks} for the layers stacked in {ours!r}; a stack "
                 "holds one rank."
             )
+        if batch:
+            try:
+                method.layout(tuple(batch), out, inp, ranks[0], config)
+            except ValueError as e:
+                raise ValueError(f"{wpath!r} cannot be loaded into the stacked {ours!r}: {e}") from None
         names = list(per_layer[0][1])
         arrays = {
             f: np.stack([fields[f] for _, fields in per_layer]) if stacked_parts else per_layer[0][1][f]
@@ -1251,6 +1256,24 @@ def load_peft(
         }
         scaling = np.asarray(scalings if stacked_parts else scalings[0], np.float32)
         plans.append((ours, weight_field, current, base, ranks[0], arrays, scaling))
+    if adapter is not None:
+        places = {f"{ours}.{field}" for ours, field, *_ in plans}
+        stack_places = {
+            path_name(p)
+            for p, x in jtu.tree_flatten_with_path(stacked, is_leaf=is_adapter)[0]
+            if isinstance(x, MultiLoraArray)
+        }
+        if places != stack_places:
+            raise ValueError(
+                f"{wpath!r} adapts {sorted(p.rpartition('.')[0] for p in places)}, but "
+                f"`model`'s stacked adapters are at {sorted(p.rpartition('.')[0] for p in stack_places)}; "
+                "an adapter put into the stack must adapt the same places."
+            )
+        if plain:
+            raise ValueError(
+                f"{wpath!r} also holds {sorted(plain)} (biases or modules_to_save), which "
+                "stacked adapters cannot hold per adapter; load it without `adapter=`."
+            )
     plain_arrays = {}
     for ours, parts in plain.items():
         like = leaves[ours]

@@ -462,6 +462,10 @@ def test_stacked_errors(tmp_path, getkey):
         lora.load_peft(tmp_path / "partial", base, name_map=_stack_map)
     with pytest.raises(ValueError, match=r"module 'layers\.0', which `model` does not have"):
         lora.load_peft(tmp_path / "partial", base)
+    lokr = peft.get_peft_model(TorchStacked(base), peft.LoKrConfig(r=2, target_modules=[f"layers.{i}" for i in range(L)]))
+    lokr.save_pretrained(str(tmp_path / "lokr"))
+    with pytest.raises(ValueError, match="into the stacked 'blocks': LoKr adapters hold one matrix each"):
+        lora.load_peft(tmp_path / "lokr", base, name_map=_stack_map)
 
 
 def test_one_adapter_of_many(tmp_path, getkey):
@@ -600,3 +604,22 @@ def test_load_onto_quantised_base(tmp_path, getkey, method):
     xs = _inputs(getkey())
     want = _dense_forward(lora.load_peft(tmp_path, lora.materialise(quantised)), xs)
     assert np.allclose(_eqx_out(model, xs), want, atol=1e-5)
+
+
+def test_put_into_stack_errors(tmp_path, getkey):
+    base = Net(getkey())
+    both = lora.stack_adapters({
+        "en": lora.loraify(base, rank=2, key=getkey()),
+        "fr": lora.loraify(base, rank=2, key=getkey()),
+    })
+    lora.save_peft(tmp_path / "two", lora.loraify(base, rank=2, key=getkey(), where=TWO))
+    with pytest.raises(ValueError, match=r"adapts \['layers\.0', 'layers\.1'\], but `model`'s stacked adapters are at \['head', 'layers\.0', 'layers\.1'\]"):
+        lora.load_peft(tmp_path / "two", both, adapter="de")
+    lora.save_peft(tmp_path / "bias", lora.loraify(base, rank=2, key=getkey()), train_bias="all")
+    with pytest.raises(ValueError, match="stacked adapters cannot hold per adapter"):
+        lora.load_peft(tmp_path / "bias", both, adapter="de")
+    lora.save_peft(tmp_path / "dora", lora.loraify(base, rank=2, method="dora", key=getkey()))
+    with pytest.raises(ValueError, match="holds a 'dora' adapter; stacked adapters are LoRA only"):
+        lora.load_peft(tmp_path / "dora", both, adapter="de")
+    with pytest.raises(ValueError, match="but `model` has none"):
+        lora.load_peft(tmp_path / "two", base, adapter="de")
