@@ -11,7 +11,6 @@ import numpy as np
 from ._io import read_adapter_file
 from ._peft import (
     CONFIG_NAME,
-    PREFIX,
     _rank_alpha,
     _split_key,
     lora_jax_file_to_peft,

@@ -52,7 +52,13 @@ from ._loha import LohaArray
 from ._lokr import LokrArray, factorization
 from ._lora import LoraArray
 from ._loraify import LAYERS
-from ._multi import MultiLoraArray, adapter_names, has_stacked_adapters, put_adapter, select_adapter
+from ._multi import (
+    MultiLoraArray,
+    adapter_names,
+    has_stacked_adapters,
+    put_adapter,
+    select_adapter,
+)
 from ._quant import is_quantised
 from ._targets import name_matches, path_name, pattern_key_matches
 from ._validate import check_choice, check_dtype
