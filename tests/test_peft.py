@@ -548,7 +548,7 @@ def test_errors(tmp_path, getkey):
     with pytest.raises(TypeError, match="`dtype` must be a floating dtype"):
         lora.load_peft(tmp_path, base, dtype=jnp.int32)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOKR", "r": 2, "alpha": 2}))
-    with pytest.raises(ValueError, match=r"lora_B\.weight.* belongs to a lora adapter, but adapter_config.json describes a lokr"):
+    with pytest.raises(ValueError, match=r"'base_model\.model\.head\.lora_A\.weight'.* belongs to a lora adapter, but adapter_config.json describes a lokr"):
         lora.load_peft(tmp_path, base)
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="adapter_config.json' is not valid JSON"):
@@ -556,7 +556,15 @@ def test_errors(tmp_path, getkey):
     (tmp_path / "adapter_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="does not hold a JSON object"):
         lora.load_peft(tmp_path, base)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(ValueError, match="adapter_model.safetensors' is not a valid safetensors file"):
+        lora.load_peft(tmp_path, base)
     (tmp_path / "adapter_model.safetensors").unlink()
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="adapter_model.bin \\(a pickle\\), which lora_jax never loads"):
+        lora.load_peft(tmp_path, base)
+    (tmp_path / "adapter_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match="has no adapter_model.safetensors"):
         lora.load_peft(tmp_path, base)
     (tmp_path / "adapter_config.json").unlink()
@@ -570,7 +578,7 @@ def test_lokr_structure_mismatch(tmp_path, getkey):
     base = Net(getkey(), WIDE)
     lora.save_peft(tmp_path, lora.loraify(base, rank=1, method="lokr", key=getkey(), where=ALL))
     _write_config(tmp_path, decompose_both=True)
-    with pytest.raises(ValueError, match=r"lacks base_model\.model\.layers\.0\.lokr_w1_a"):
+    with pytest.raises(ValueError, match=r"lacks base_model\.model\.head\.lokr_w1_a"):
         lora.load_peft(tmp_path, base)
 
 
