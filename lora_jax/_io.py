@@ -9,7 +9,9 @@ one row.
 """
 
 import collections
+import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -25,8 +27,14 @@ import numpy as np
 from jaxtyping import PyTree
 
 from ._base import AbstractAdapter, is_adapter
+from ._conv import LoraConvArray
+from ._dora import DoraArray
+from ._embedding import LoraEmbeddingArray
 from ._filters import TrainBias, trainable_mask
+from ._loha import LohaArray
+from ._lokr import LokrArray
 from ._lora import LoraArray
+from ._multi import MultiLoraArray, select_adapter
 from ._targets import path_name
 from ._validate import check_choice
 
@@ -37,18 +45,41 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class AdapterFormat:
-    """How one adapter type is written: its method name and the array fields saved
-    (every field but the frozen base weight)."""
+    """How one adapter type is written.
+
+    - `method`: the name recorded in the metadata (`"lora"`).
+    - `fields`: the array fields saved (every field but the frozen base weight); a
+        field that is `None` in a value (LoKr's unused factors) is not written.
+    - `rank`: the rank recorded in the metadata.
+    - `describe`: static facts that must agree between the file and the model it is
+        loaded into (the names of stacked adapters), recorded in the metadata.
+    """
 
     method: str
     fields: tuple[str, ...]
     rank: Callable[[Any], int] = lambda value: int(value.rank)
+    describe: Callable[[Any], dict] = lambda value: {}
 
 
-# adapter type -> its file format. Each method adds its row (DoRA: magnitude too).
+def _multi_facts(value: MultiLoraArray) -> dict:
+    return {"names": list(value.names), "ranks": list(value.ranks)}
+
+
+# adapter type -> its file format. A new method adds a row.
 FORMATS: dict[type, AdapterFormat] = {
     LoraArray: AdapterFormat("lora", ("a", "b", "scaling")),
+    DoraArray: AdapterFormat("dora", ("a", "b", "m", "scaling")),
+    LokrArray: AdapterFormat("lokr", ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "scaling")),
+    LohaArray: AdapterFormat("loha", ("w1a", "w1b", "w2a", "w2b", "scaling")),
+    LoraConvArray: AdapterFormat("lora_conv", ("a", "b", "scaling")),
+    LoraEmbeddingArray: AdapterFormat("lora_embedding", ("a", "b", "scaling")),
+    MultiLoraArray: AdapterFormat("multi_lora", ("a", "b", "scaling", "weights"), describe=_multi_facts),
 }
+
+
+def saved_fields(value) -> list[str]:
+    """The fields of `value` its file format writes (those that are not `None`)."""
+    return [f for f in _format_of(value).fields if getattr(value, f) is not None]
 
 
 def _format_of(value: AbstractAdapter) -> AdapterFormat:
@@ -82,10 +113,22 @@ _CHUNK = 1 << 20
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def encode(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+CHECKSUM_KEY = "lora_jax_sha256"
+
+
+def check_path(path, name: str) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`{name}` must be a path (str or os.PathLike), got {type(path).__name__}.")
+    return os.fspath(path)
+
+
+def encode(tensors: dict[str, np.ndarray], metadata: dict[str, str], *, checksum: bool = True) -> bytes:
     """The bytes of a safetensors file: little-endian u64 header length, JSON header,
-    then the tensors' data in header order."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    then the tensors' data in header order. With `checksum`, the metadata also records
+    the SHA-256 of the data (`lora_jax_sha256`), which the reader checks: a flipped
+    bit in a tensor is an error, not a silently different adapter."""
+    metadata = dict(metadata)
+    header: dict[str, Any] = {}
     chunks, offset = [], 0
     for name in sorted(tensors):
         arr = np.asarray(tensors[name], order="C")
@@ -99,9 +142,13 @@ def encode(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
         }
         chunks.append(data)
         offset += len(data)
+    body = b"".join(chunks)
+    if checksum:
+        metadata[CHECKSUM_KEY] = hashlib.sha256(body).hexdigest()
+    header = {"__metadata__": metadata, **header}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as the format asks
-    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+    return len(text).to_bytes(8, "little") + text + body
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -109,6 +156,10 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     never a torn one: a temporary file in the same directory, fsync, `os.replace`."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Cannot write {path!r}: the directory {directory!r} does not exist.")
+    if os.path.isdir(path):
+        raise ValueError(f"Cannot write {path!r}: it is a directory.")
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         view = memoryview(data)
@@ -142,9 +193,21 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     atomic_write(path, encode(tensors, metadata))
 
 
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
 def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Reads a whole safetensors file, checking its structure; any defect is a
-    ValueError naming `path` (a missing file, FileNotFoundError)."""
+    """Reads a whole safetensors file, checking its structure as the format defines
+    it (a header within bounds, every tensor's bytes matching its shape and dtype, the
+    data covered exactly, without overlaps or holes) and, when recorded, the data's
+    checksum. Any defect is a ValueError naming `path`; a missing file,
+    FileNotFoundError."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No adapter file at {path!r}.")
@@ -159,12 +222,16 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if len(data) < 8:
         raise bad(f"it is {len(data)} bytes long, shorter than the 8-byte header length")
     n = int.from_bytes(data[:8], "little")
-    if n > _MAX_HEADER or 8 + n > len(data):
+    if n > _MAX_HEADER:
+        raise bad(f"its header claims {n} bytes, more than the {_MAX_HEADER} allowed")
+    if 8 + n > len(data):
         raise bad(f"the header claims {n} bytes but the file has {len(data) - 8} after the length (truncated?)")
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"its header is not JSON ({e})") from None
+    except ValueError as e:
+        raise bad(f"its header is malformed: {e}") from None
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -173,21 +240,35 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     ):
         raise bad("its `__metadata__` is not a map of strings")
     body = memoryview(data)[8 + n :]
-    tensors = {}
+    entries = []
     for name, info in header.items():
         try:
             dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
+            shape = tuple(info["shape"])
+            start, end = info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise bad(f"tensor {name!r} has a malformed entry {info!r}") from None
-        if any(s < 0 for s in shape) or not 0 <= start <= end:
+        if not all(type(s) is int and s >= 0 for s in (*shape, start, end)) or start > end:
             raise bad(f"tensor {name!r} has a malformed entry {info!r}")
-        if end > len(body):
-            raise bad(f"tensor {name!r} ends at byte {end} of the data but the data has {len(body)} bytes (truncated?)")
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
         if end - start != expected:
             raise bad(f"tensor {name!r} has {end - start} bytes of data, but shape {list(shape)} of {info['dtype']} needs {expected}")
+        if end > len(body):
+            raise bad(f"tensor {name!r} ends at byte {end} of the data but the data has {len(body)} bytes (truncated?)")
+        entries.append((start, end, name, dtype, shape))
+    covered = 0
+    for start, end, name, *_ in sorted(entries):
+        if start != covered:
+            what = "overlaps the tensor before it" if start < covered else f"leaves a hole of {start - covered} bytes before it"
+            raise bad(f"tensor {name!r} {what}")
+        covered = end
+    if covered != len(body):
+        raise bad(f"it has {len(body) - covered} bytes after its last tensor")
+    recorded = metadata.get(CHECKSUM_KEY)
+    if recorded is not None and hashlib.sha256(body).hexdigest() != recorded:
+        raise bad("its tensor data does not match the checksum recorded when it was saved (corrupted?)")
+    tensors = {}
+    for start, end, name, dtype, shape in entries:
         arr = np.frombuffer(body[start:end], dtype=dtype.newbyteorder("<")).astype(dtype)
         tensors[name] = arr.reshape(shape)
     return tensors, metadata
@@ -228,6 +309,7 @@ def save_adapter(
     *,
     train_bias: TrainBias = "none",
     trainable: Sequence[str] | None = None,
+    adapter: str | None = None,
 ) -> None:
     """Saves a model's adapters (and nothing of the frozen base) to one
     `.safetensors` file.
@@ -236,14 +318,20 @@ def save_adapter(
 
     - `path`: the file to write. It is written atomically: a crash mid-save leaves the
         previous file (if any) as it was.
-    - `model`: an adapted model, as [`lora_jax.loraify`][] returns.
+    - `model`: an adapted model, as [`lora_jax.loraify`][] returns (any method), or
+        one with several adapters from [`lora_jax.stack_adapters`][].
     - `train_bias`, `trainable`: also save the leaves these make trainable, as for
         [`lora_jax.partition`][] (biases; PEFT's `modules_to_save`).
+    - `adapter`: for a model with stacked adapters, save only the one of this name,
+        as a plain LoRA file. By default every stacked adapter is saved, with their
+        names, ranks and mixing weights.
 
-    Each tensor is named by its dotted PyTree path: `layers.0.weight.a`,
-    `layers.0.weight.b`, `layers.0.weight.scaling`, `layers.0.bias`. The metadata
-    records the method, rank, scaling, targets, and the versions of lora_jax and of
-    the format.
+    Each tensor is named by its dotted PyTree path and the adapter's field:
+    `layers.0.weight.a`, `layers.0.weight.b`, `layers.0.weight.scaling` (DoRA adds
+    `.m`; LoKr saves `.w1`/`.w1_a`/... as the value holds them; LoHa `.w1a`...),
+    `layers.0.bias`. The metadata records the method, rank, scaling, targets, the
+    stacked adapters' names, the versions of lora_jax and of the format, and a
+    checksum of the data that [`lora_jax.load_adapter`][] verifies.
 
     !!! Example
 
@@ -259,7 +347,10 @@ def save_adapter(
         model = lora.load_adapter(path, model)
         ```
     """
+    check_path(path, "path")
     check_choice(train_bias, "train_bias", ("none", "lora_only", "all"))
+    if adapter is not None:
+        model = select_adapter(model, adapter)
     adapters, extras = adapter_entries(model, train_bias=train_bias, trainable=trainable)
     if not adapters:
         raise ValueError(
@@ -267,15 +358,18 @@ def save_adapter(
         )
     tensors: dict[str, np.ndarray] = {}
     info = {}
+    names: list[str] | None = None
     for name, value in adapters.items():
         fmt = _format_of(value)
-        for field in fmt.fields:
+        for field in saved_fields(value):
             tensors[f"{name}.{field}"] = np.asarray(getattr(value, field))
-        entry = {"method": fmt.method, "rank": fmt.rank(value)}
+        entry = {"method": fmt.method, "rank": fmt.rank(value), **fmt.describe(value)}
         if hasattr(value, "scaling"):
             scaling = np.asarray(value.scaling)
             if scaling.ndim == 0:
                 entry["scaling"] = float(scaling)
+        if isinstance(value, MultiLoraArray):
+            names = list(value.names)
         info[name] = entry
     for name, leaf in extras.items():
         tensors[name] = np.asarray(leaf)
@@ -293,6 +387,8 @@ def save_adapter(
         "train_bias": train_bias,
         "trainable": json.dumps(list(trainable) if trainable is not None else None),
     }
+    if names is not None:
+        metadata["adapter_names"] = json.dumps(names)
     write_safetensors(path, tensors, metadata)
 
 
@@ -317,13 +413,44 @@ def check_format(path, metadata: dict[str, str]) -> None:
         )
 
 
-def _json_meta(path, metadata, key):
+def _json_meta(path, metadata, key, kind: type | tuple[type, ...] | None = None):
     try:
-        return json.loads(metadata[key])
+        value = json.loads(metadata[key])
     except (KeyError, json.JSONDecodeError):
         raise ValueError(
             f"{os.fspath(path)!r} has missing or malformed metadata {key!r}."
         ) from None
+    if kind is not None and not isinstance(value, kind):
+        raise ValueError(f"{os.fspath(path)!r} has malformed metadata {key!r}: {value!r}.")
+    return value
+
+
+def read_adapter_file(path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, dict], list[str]]:
+    """`(tensors, metadata, adapters, extras)` of a lora_jax adapter file, its
+    structure and metadata checked."""
+    tensors, metadata = read_safetensors(path)
+    check_format(path, metadata)
+    where = os.fspath(path)
+    info = _json_meta(path, metadata, "adapters", dict)
+    extras = _json_meta(path, metadata, "extras", list)
+    if metadata.get("train_bias", "none") not in ("none", "lora_only", "all"):
+        raise ValueError(f"{where!r} has malformed metadata `train_bias={metadata['train_bias']!r}`.")
+    trainable = _json_meta(path, metadata, "trainable", (list, type(None)))
+    if trainable is not None and not all(isinstance(t, str) for t in trainable):
+        raise ValueError(f"{where!r} has malformed metadata 'trainable': {trainable!r}.")
+    known = {f.method for f in FORMATS.values()}
+    for name, entry in info.items():
+        if not isinstance(entry, dict) or entry.get("method") not in known:
+            raise ValueError(
+                f"{where!r} describes the adapter at {name!r} as {entry!r}; this lora_jax "
+                f"knows the methods {sorted(known)}."
+            )
+        if not any(t.startswith(name + ".") for t in tensors):
+            raise ValueError(f"{where!r} lists an adapter at {name!r} but holds no tensor for it.")
+    for name in extras:
+        if name not in tensors:
+            raise ValueError(f"{where!r} lists the tensor {name!r} but does not hold it.")
+    return tensors, metadata, info, extras
 
 
 def load_adapter(path: str | os.PathLike, model: PyTree) -> PyTree:
@@ -334,23 +461,21 @@ def load_adapter(path: str | os.PathLike, model: PyTree) -> PyTree:
 
     - `path`: the `.safetensors` file.
     - `model`: the adapted model to load into (its base weights are kept; its adapter
-        factors, scalings, and any saved bias or `trainable` leaves are replaced).
+        factors, DoRA magnitudes, scalings, stacked adapters' mixing weights and any
+        saved bias or `trainable` leaves are replaced).
 
     **Returns:**
 
-    A new model. Every tensor's name, shape and dtype is checked against `model`
-    before anything is built, so a mismatch raises a ValueError naming the tensor and
-    nothing is half-loaded. A missing file raises FileNotFoundError; a truncated or
-    corrupt one, a ValueError naming the file.
+    A new model. Every tensor's name, shape and dtype, each adapter's method and the
+    names and ranks of stacked adapters are checked against `model` before anything
+    is built, so a mismatch raises a ValueError naming the tensor and nothing is
+    half-loaded. A missing file raises FileNotFoundError; a truncated or corrupt one
+    (the data's checksum is verified), a ValueError naming the file.
     """
-    tensors, metadata = read_safetensors(path)
-    check_format(path, metadata)
+    tensors, metadata, info, _ = read_adapter_file(check_path(path, "path"))
     where = os.fspath(path)
     train_bias = metadata.get("train_bias", "none")
-    if train_bias not in ("none", "lora_only", "all"):
-        raise ValueError(f"{where!r} has malformed metadata `train_bias={train_bias!r}`.")
     trainable = _json_meta(path, metadata, "trainable")
-    info = _json_meta(path, metadata, "adapters")
     try:
         adapters, extras = adapter_entries(model, train_bias=train_bias, trainable=trainable)
     except ValueError as e:
@@ -363,13 +488,20 @@ def load_adapter(path: str | os.PathLike, model: PyTree) -> PyTree:
     expected: dict[str, Any] = {}
     for name, value in adapters.items():
         fmt = _format_of(value)
-        saved = info.get(name, {}).get("method")
+        entry = info.get(name, {})
+        saved = entry.get("method")
         if saved is not None and saved != fmt.method:
             raise ValueError(
                 f"{where!r} holds a {saved!r} adapter at {name!r}, but `model` has a "
                 f"{fmt.method!r} adapter ({type(value).__name__}) there."
             )
-        for field in fmt.fields:
+        for key, want in fmt.describe(value).items():
+            if saved is not None and entry.get(key) != want:
+                raise ValueError(
+                    f"{where!r} holds the adapter at {name!r} with {key} "
+                    f"{entry.get(key)!r}, but `model` has {want!r} there."
+                )
+        for field in saved_fields(value):
             expected[f"{name}.{field}"] = getattr(value, field)
     expected.update(extras)
     missing = [n for n in expected if n not in tensors]
@@ -415,7 +547,7 @@ def _replace_leaves(model, adapters: dict[str, Any], tensors: dict[str, np.ndarr
     for path, leaf in leaves:
         name = path_name(path)
         if name in adapters:
-            fields = _format_of(leaf).fields
+            fields = saved_fields(leaf)
             new = [_to_device(tensors[f"{name}.{f}"], getattr(leaf, f)) for f in fields]
             leaf = eqx.tree_at(lambda v: tuple(getattr(v, f) for f in fields), leaf, tuple(new))
         elif name in tensors:

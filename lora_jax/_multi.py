@@ -353,3 +353,49 @@ def combine_adapters(
         return _lora(leaf._w, a, b, 1.0, leaf)
 
     return jtu.tree_map(combine, model, is_leaf=_is_multi)
+
+
+def has_stacked_adapters(model: PyTree) -> bool:
+    return any(_is_multi(x) for x in jtu.tree_leaves(model, is_leaf=_is_multi))
+
+
+def select_adapter(model: PyTree, name: str) -> PyTree:
+    """The model with every [`lora_jax.MultiLoraArray`][] replaced by the
+    [`lora_jax.LoraArray`][] of the adapter `name` (its true rank, its scaling; the
+    mixing weights are dropped). Used to save one adapter of a stack."""
+    if not isinstance(name, str):
+        raise TypeError(f"`adapter` must be an adapter's name (str), got {name!r}.")
+    if not has_stacked_adapters(model):
+        raise ValueError(
+            f"`adapter={name!r}` selects one of several stacked adapters, but `model` "
+            "has none (build them with `lora_jax.stack_adapters`); leave `adapter` out."
+        )
+    _index(adapter_names(model), name, "adapter")
+    return jtu.tree_map(
+        lambda x: dict(_unstack(x))[name] if _is_multi(x) else x, model, is_leaf=_is_multi
+    )
+
+
+def put_adapter(model: PyTree, name: str, adapted: PyTree) -> PyTree:
+    """Puts the LoRA adapters of `adapted` (adapted at exactly the stacked places of
+    `model`) into the stack under `name`: replacing the adapter of that name where it
+    is (the mixing weights are kept), or adding it (off) if it is new."""
+    names = adapter_names(model)
+    if name not in names:
+        return add_adapter(model, name, adapted)
+    new = _adapter_paths(adapted)
+    have = {p for p, v in _adapter_paths(model).items() if _is_multi(v)}
+    if set(new) != have:
+        raise ValueError(f"`adapted` is adapted at {sorted(new)}, but `model`'s stack is at {sorted(have)}.")
+
+    def swap(path, leaf):
+        if not _is_multi(leaf):
+            return leaf
+        v = new[path_name(path)]
+        if type(v) is not LoraArray or v._w.shape != leaf._w.shape:
+            raise ValueError(f"`adapted` at {path_name(path)!r} is not a LoraArray of weight shape {leaf._w.shape}.")
+        parts = [(n, v if n == name else p) for n, p in _unstack(leaf)]
+        out = _stack(leaf._w, parts, leaf)
+        return eqx.tree_at(lambda x: x.weights, out, leaf.weights)
+
+    return jtu.tree_map_with_path(swap, model, is_leaf=_is_multi)

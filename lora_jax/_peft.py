@@ -3,12 +3,21 @@
 
 PEFT names a tensor `base_model.model.<module>.<suffix>`, where `<module>` is the
 torch module's dotted name and `<suffix>` depends on the method (`lora_A.weight`,
-`lora_B.weight` for LoRA). Each method is a row of `PEFT_METHODS`: its PEFT type, the
-config flags that select it, and which PEFT suffix holds which field of our value.
+`lora_B.weight` for LoRA; `lora_magnitude_vector` added for DoRA; `lokr_w1`... for
+LoKr; `hada_w1_a`... for LoHa). Each method is a row of `PEFT_METHODS`: its PEFT
+type, the config flags that select it, which PEFT suffix holds which field of our
+value, and the shapes PEFT gives those tensors for a layer (`layout`), so that a
+file is checked tensor by tensor before anything is built.
+
+Stacked layers (a weight with a leading layer axis, run with `lax.scan`) are saved
+as one PEFT module per layer: `name_map` sends the stacked module's name to a
+template holding `{i}` (`"blocks.attn.q"` -> `"layers.{i}.attn.q"`), and loading
+gathers `layers.0.attn.q`, `layers.1.attn.q`, ... back into the stack.
 """
 
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -22,18 +31,44 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
-from ._base import as_scaling, is_adapter
+from ._base import is_adapter
+from ._dora import DoraArray
 from ._filters import TrainBias
-from ._io import _most_common, _to_device, adapter_entries, atomic_write, read_safetensors, write_safetensors
+from ._io import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    _most_common,
+    _to_device,
+    adapter_entries,
+    atomic_write,
+    check_path,
+    encode,
+    read_adapter_file,
+    read_safetensors,
+    saved_fields,
+    write_safetensors,
+)
+from ._loha import LohaArray
+from ._lokr import LokrArray, factorization
 from ._lora import LoraArray
 from ._loraify import LAYERS
+from ._multi import (
+    MultiLoraArray,
+    adapter_names,
+    has_stacked_adapters,
+    put_adapter,
+    select_adapter,
+)
+from ._quant import is_quantised
 from ._targets import name_matches, path_name, pattern_key_matches
-from ._validate import check_choice
+from ._validate import check_choice, check_dtype
 
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# In a name given by `name_map`, where the layer index of a stacked module goes.
+INDEX = "{i}"
 
 NameMap = dict[str, str] | Callable[[str], str] | None
 
@@ -56,6 +91,21 @@ def peft_scaling(alpha: float, rank: int, rslora: bool) -> float:
 
 
 @dataclass(frozen=True)
+class Layer:
+    """One PEFT module's adapter: its tensors by our field name, scaling, rank and the
+    adapted matrix's `(out, in)`."""
+
+    fields: dict[str, np.ndarray]
+    scaling: float
+    rank: int
+    out: int
+    inp: int
+
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
 class PeftMethod:
     """One adapter method as PEFT stores it.
 
@@ -65,11 +115,18 @@ class PeftMethod:
     - `flags`: config entries that select this method among those of one `peft_type`
         (`{"use_dora": False}`; DoRA is `{"use_dora": True}`), written on save.
     - `tensors`: `(PEFT suffix, our field)` pairs, PEFT's array equal to our field.
-    - `rank_key`, `alpha_key`: PEFT's names for the rank and alpha (`r`,
-        `lora_alpha`).
-    - `build`: `(weight, fields, scaling, like) -> value`, our value from a base weight,
-        the factor arrays by field name and the scaling; `like` is an adapter already in
-        the model at that place (its flags are kept), or `None`.
+    - `layout`: `(batch, out, in, rank, config) -> {field: shape}`, the tensors PEFT
+        builds for a layer of weight `(out, in)` (and we hold, with the stacking
+        dimensions `batch` in front).
+    - `dims`: `fields -> (out, in)` from a layer's tensors (for files without a model).
+    - `rank_of`: `fields -> rank`, where the tensors determine it (else `None`).
+    - `new`: `(weight, rank, config, dtype, flags) -> value`, a value of the right
+        structure (its arrays are then replaced by the file's).
+    - `configure`: `(layers, values) -> config entries`, what this method's config
+        says beyond rank and alpha (LoKr's `decompose_both`, dropouts).
+    - `defaults`: PEFT's config entries as PEFT writes them.
+    - `rank_key`, `alpha_key`: PEFT's names for the rank and alpha.
+    - `rslora`, `bias`: whether the config has `use_rslora` and `bias`.
     """
 
     method: str
@@ -77,27 +134,56 @@ class PeftMethod:
     adapter_type: type
     flags: dict[str, Any]
     tensors: tuple[tuple[str, str], ...]
-    build: Callable[..., Any]
+    layout: Callable[..., Shapes]
+    dims: Callable[[dict], tuple[int, int]]
+    rank_of: Callable[[dict], int | None]
+    new: Callable[..., Any]
+    configure: Callable[[list[Layer], list[Any]], dict]
+    defaults: dict[str, Any] = field(default_factory=dict)
     rank_key: str = "r"
     alpha_key: str = "lora_alpha"
-    defaults: dict[str, Any] = field(default_factory=dict)
+    rslora: bool = True
+    bias: bool = True
 
     def matches(self, config: dict) -> bool:
         return config.get("peft_type") == self.peft_type and all(
             config.get(k, v if not v else None) == v for k, v in self.flags.items()
         )
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(f for _, f in self.tensors)
 
-def _build_lora(weight, fields, scaling, like):
-    a, b = fields["a"], fields["b"]
-    value = like if like is not None else LoraArray(
-        weight, rank=a.shape[-1], key=jr.key(0), dtype=a.dtype
-    )
-    return eqx.tree_at(
-        lambda v: (v._w, v.a, v.b, v.scaling),
-        value,
-        (weight, jnp.asarray(a), jnp.asarray(b), as_scaling(scaling)),
-    )
+
+# --- LoRA and DoRA ----------------------------------------------------------------------
+
+
+def _lora_layout(batch, out, inp, rank, config) -> Shapes:
+    del config
+    return {"a": (*batch, out, rank), "b": (*batch, rank, inp)}
+
+
+def _dora_layout(batch, out, inp, rank, config) -> Shapes:
+    return {**_lora_layout(batch, out, inp, rank, config), "m": (*batch, out)}
+
+
+def _lora_dims(fields) -> tuple[int, int]:
+    return fields["a"].shape[-2], fields["b"].shape[-1]
+
+
+def _new_lora(weight, rank, config, dtype, flags):
+    dropout = float(config.get("lora_dropout") or 0.0)
+    return LoraArray(weight, rank=rank, key=jr.key(0), dtype=dtype, dropout=dropout, **flags)
+
+
+def _new_dora(weight, rank, config, dtype, flags):
+    dropout = float(config.get("lora_dropout") or 0.0)
+    return DoraArray(weight, rank=rank, key=jr.key(0), dtype=dtype, dropout=dropout, **flags)
+
+
+def _configure_lora(layers, values) -> dict:
+    del layers
+    return {"lora_dropout": _most_common([float(v.dropout) for v in values]) or 0.0}
 
 
 # PEFT's LoraConfig entries, as PEFT writes them, with the values lora_jax uses.
@@ -133,8 +219,174 @@ _LORA_DEFAULTS: dict[str, Any] = {
     "use_rslora": False,
 }
 
-# method name -> how PEFT stores it. Other methods add rows (DoRA: peft_type "LORA",
-# flags {"use_dora": True}, plus ("lora_magnitude_vector", "magnitude")).
+# --- LoKr -------------------------------------------------------------------------------
+
+
+def _lokr_layout(batch, out, inp, rank, config) -> Shapes:
+    """PEFT's rule (`LoKrLayer.update_layer` for a Linear): `out = l·k`, `in = p·q`
+    split by `factorization(·, decompose_factor)`; `w1 (l, p)` is held as
+    `w1_a (l, r) @ w1_b (r, p)` when `decompose_both` and `r < max(l, p)/2`, `w2 (k, q)`
+    as `w2_a @ w2_b` when `r < max(k, q)/2`."""
+    if batch:
+        raise ValueError("LoKr adapters hold one matrix each; they cannot be stacked.")
+    factor = config.get("decompose_factor", -1)
+    l, k = factorization(out, factor)
+    p, q = factorization(inp, factor)
+    shapes: Shapes = {}
+    if config.get("decompose_both", False) and rank < max(l, p) / 2:
+        shapes.update(w1_a=(l, rank), w1_b=(rank, p))
+    else:
+        shapes["w1"] = (l, p)
+    if rank < max(k, q) / 2:
+        shapes.update(w2_a=(k, rank), w2_b=(rank, q))
+    else:
+        shapes["w2"] = (k, q)
+    return shapes
+
+
+def _lokr_pairs(fields) -> tuple[tuple[int, int], tuple[int, int]]:
+    """`((l, p), (k, q))`: the shapes of `w1` and `w2`, held whole or as products."""
+
+    def pair(full, a, b):
+        if full in fields:
+            return tuple(fields[full].shape)
+        return fields[a].shape[0], fields[b].shape[1]
+
+    return pair("w1", "w1_a", "w1_b"), pair("w2", "w2_a", "w2_b")
+
+
+def _lokr_dims(fields) -> tuple[int, int]:
+    (l, p), (k, q) = _lokr_pairs(fields)
+    return l * k, p * q
+
+
+def _lokr_rank(fields) -> int | None:
+    for f in ("w1_a", "w2_a"):
+        if f in fields:
+            return fields[f].shape[-1]
+    return None
+
+
+def _new_lokr(weight, rank, config, dtype, flags):
+    return LokrArray(
+        weight,
+        rank=rank,
+        key=jr.key(0),
+        decompose_both=bool(config.get("decompose_both", False)),
+        decompose_factor=int(config.get("decompose_factor", -1)),
+        rank_dropout=float(config.get("rank_dropout") or 0.0),
+        module_dropout=float(config.get("module_dropout") or 0.0),
+        rank_dropout_scale=bool(config.get("rank_dropout_scale", False)),
+        dtype=dtype,
+        **flags,
+    )
+
+
+def _lokr_structure(layers: list[Layer]) -> dict:
+    """The `decompose_both` and `decompose_factor` under which PEFT builds every layer
+    with the factors it holds. Tried in order: PEFT's defaults, then every factor that
+    could give another split: one that divides a dimension (so it is some layer's `l`
+    or `p`) or one below a dimension's square root (any other factor splits as `-1`
+    does)."""
+    factors = [-1]
+    for layer in layers:
+        (l, p), _ = _lokr_pairs(layer.fields)
+        factors.extend((int(l), int(p)))
+    largest = max(max(layer.out, layer.inp) for layer in layers)
+    factors.extend(range(1, math.isqrt(largest) + 1))
+    factors = list(dict.fromkeys(factors))
+    for both in (False, True):
+        for f in factors:
+            config = {"decompose_both": both, "decompose_factor": f}
+            if all(
+                _shapes(layer.fields) == _lokr_layout((), layer.out, layer.inp, layer.rank, config)
+                for layer in layers
+            ):
+                return config
+    first = layers[0]
+    raise ValueError(
+        "The LoKr adapters cannot be described by one PEFT LoKrConfig: no "
+        "`decompose_both`/`decompose_factor` gives every layer the factors it holds "
+        f"(one layer holds {_shapes(first.fields)} for a ({first.out}, {first.inp}) "
+        f"weight at rank {first.rank}). Adapt every layer with the same LoKr options."
+    )
+
+
+def _configure_lokr(layers, values) -> dict:
+    return {
+        **_lokr_structure(layers),
+        "rank_dropout": _most_common([float(v.rank_dropout) for v in values]) or 0.0,
+        "module_dropout": _most_common([float(v.module_dropout) for v in values]) or 0.0,
+        "rank_dropout_scale": bool(_most_common([v.rank_dropout_scale for v in values]) or False),
+    }
+
+
+# --- LoHa -------------------------------------------------------------------------------
+
+
+def _loha_layout(batch, out, inp, rank, config) -> Shapes:
+    del config
+    return {
+        "w1a": (*batch, out, rank),
+        "w1b": (*batch, rank, inp),
+        "w2a": (*batch, out, rank),
+        "w2b": (*batch, rank, inp),
+    }
+
+
+def _new_loha(weight, rank, config, dtype, flags):
+    return LohaArray(
+        weight,
+        rank=rank,
+        key=jr.key(0),
+        rank_dropout=float(config.get("rank_dropout") or 0.0),
+        module_dropout=float(config.get("module_dropout") or 0.0),
+        dtype=dtype,
+        **flags,
+    )
+
+
+def _configure_loha(layers, values) -> dict:
+    del layers
+    return {
+        "rank_dropout": _most_common([float(v.rank_dropout) for v in values]) or 0.0,
+        "module_dropout": _most_common([float(v.module_dropout) for v in values]) or 0.0,
+    }
+
+
+# PEFT's LycorisConfig entries shared by LoKrConfig and LoHaConfig.
+_LYCORIS_DEFAULTS: dict[str, Any] = {
+    "alpha": 8,
+    "alpha_pattern": {},
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "exclude_modules": None,
+    "inference_mode": True,
+    "init_weights": True,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "module_dropout": 0.0,
+    "modules_to_save": None,
+    "r": 8,
+    "rank_dropout": 0.0,
+    "rank_pattern": {},
+    "revision": None,
+    "target_modules": None,
+    "task_type": None,
+    "use_effective_conv2d": False,
+}
+
+_LOKR_DEFAULTS = {
+    **_LYCORIS_DEFAULTS,
+    "peft_type": "LOKR",
+    "decompose_both": False,
+    "decompose_factor": -1,
+    "rank_dropout_scale": False,
+}
+_LOHA_DEFAULTS = {**_LYCORIS_DEFAULTS, "peft_type": "LOHA"}
+
+
+# method name -> how PEFT stores it. A new method adds a row.
 PEFT_METHODS: dict[str, PeftMethod] = {
     "lora": PeftMethod(
         method="lora",
@@ -142,20 +394,166 @@ PEFT_METHODS: dict[str, PeftMethod] = {
         adapter_type=LoraArray,
         flags={"use_dora": False},
         tensors=(("lora_A.weight", "b"), ("lora_B.weight", "a")),
-        build=_build_lora,
+        layout=_lora_layout,
+        dims=_lora_dims,
+        rank_of=lambda fields: fields["a"].shape[-1] if "a" in fields else None,
+        new=_new_lora,
+        configure=_configure_lora,
         defaults=_LORA_DEFAULTS,
+    ),
+    "dora": PeftMethod(
+        method="dora",
+        peft_type="LORA",
+        adapter_type=DoraArray,
+        flags={"use_dora": True},
+        # PEFT's magnitude is the norm of `w + s·B@A` per output unit, as our `m`.
+        tensors=(("lora_A.weight", "b"), ("lora_B.weight", "a"), ("lora_magnitude_vector", "m")),
+        layout=_dora_layout,
+        dims=_lora_dims,
+        rank_of=lambda fields: fields["a"].shape[-1] if "a" in fields else None,
+        new=_new_dora,
+        configure=_configure_lora,
+        defaults=_LORA_DEFAULTS,
+    ),
+    "lokr": PeftMethod(
+        method="lokr",
+        peft_type="LOKR",
+        adapter_type=LokrArray,
+        flags={},
+        tensors=tuple((f"lokr_{f}", f) for f in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")),
+        layout=_lokr_layout,
+        dims=_lokr_dims,
+        rank_of=_lokr_rank,
+        new=_new_lokr,
+        configure=_configure_lokr,
+        defaults=_LOKR_DEFAULTS,
+        alpha_key="alpha",
+        rslora=False,
+        bias=False,
+    ),
+    "loha": PeftMethod(
+        method="loha",
+        peft_type="LOHA",
+        adapter_type=LohaArray,
+        flags={},
+        tensors=(("hada_w1_a", "w1a"), ("hada_w1_b", "w1b"), ("hada_w2_a", "w2a"), ("hada_w2_b", "w2b")),
+        layout=_loha_layout,
+        dims=lambda fields: (fields["w1a"].shape[-2], fields["w1b"].shape[-1]),
+        rank_of=lambda fields: fields["w1a"].shape[-1] if "w1a" in fields else None,
+        new=_new_loha,
+        configure=_configure_loha,
+        defaults=_LOHA_DEFAULTS,
+        alpha_key="alpha",
+        rslora=False,
+        bias=False,
     ),
 }
 
-# Config entries whose non-default values lora_jax cannot honour: key -> accepted values.
-UNSUPPORTED: dict[str, tuple] = {
-    "lora_bias": (False, None),
-    "layer_replication": (None,),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None,),
-    "use_qalora": (False, None),
-    "alora_invocation_tokens": (None,),
-    "use_bdlora": (None, False),
+
+def _shapes(fields: dict) -> Shapes:
+    return {f: tuple(int(s) for s in a.shape) for f, a in fields.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a config: which keys exist, which values lora_jax honours
+# ---------------------------------------------------------------------------------------
+
+# The config keys PEFT 0.21 defines, by peft_type. A key outside these with a value
+# that is not empty is refused: lora_jax cannot know what it would change.
+_COMMON_KEYS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "r", "target_modules", "exclude_modules",
+    "modules_to_save", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern",
+}
+KNOWN_KEYS: dict[str, frozenset[str]] = {
+    "LORA": frozenset(_COMMON_KEYS | {
+        "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
+        "init_lora_weights", "megatron_config", "megatron_core",
+        "trainable_token_indices", "loftq_config", "eva_config", "corda_config",
+        "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens",
+        "use_qalora", "qalora_group_size", "monteclora_config", "layer_replication",
+        "runtime_config", "lora_bias", "target_parameters", "use_bdlora",
+        "arrow_config", "kasa_config", "ensure_weight_tying",
+    }),
+    "LOKR": frozenset(_COMMON_KEYS | {
+        "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d",
+        "decompose_both", "decompose_factor", "rank_dropout_scale", "init_weights",
+    }),
+    "LOHA": frozenset(_COMMON_KEYS | {
+        "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
+    }),
+}
+
+# Keys whose values change what the adapter computes in ways lora_jax does not
+# reproduce: key -> (is the value fine, what is).
+_INITS_KEEPING_BASE = (True, False, "gaussian", "eva", "orthogonal")
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lora_bias": (lambda v: not v, "false"),
+    "layer_replication": (lambda v: not v, "null"),
+    "target_parameters": (lambda v: not v, "null"),
+    "trainable_token_indices": (lambda v: not v, "null"),
+    "use_qalora": (lambda v: not v, "false"),
+    "alora_invocation_tokens": (lambda v: not v, "null"),
+    "use_bdlora": (lambda v: not v, "null"),
+    "velora_config": (lambda v: not v, "null"),
+    "monteclora_config": (lambda v: not v, "null"),
+    "arrow_config": (lambda v: not v, "null"),
+    "kasa_config": (lambda v: not v, "null"),
+    # These initialisations change the base weights when PEFT loads the adapter
+    # (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, MiCA); lora_jax keeps the base as it is.
+    "init_lora_weights": (
+        lambda v: any(v is ok or (isinstance(ok, str) and v == ok) for ok in _INITS_KEEPING_BASE),
+        ", ".join(repr(v) for v in _INITS_KEEPING_BASE),
+    ),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_pattern_map(check):
+    def ok(v):
+        if v is None:
+            return True
+        if not isinstance(v, dict):
+            return False
+        for k, x in v.items():
+            try:
+                re.compile(k)
+            except re.error:
+                return False
+            if not check(x):
+                return False
+        return True
+
+    return ok
+
+
+_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "lora_alpha": (_is_real, "a finite number"),
+    "alpha": (_is_real, "a finite number"),
+    "rank_pattern": (_is_pattern_map(lambda x: _is_int(x) and x > 0), "a map from regexes to positive integers"),
+    "alpha_pattern": (_is_pattern_map(_is_real), "a map from regexes to numbers"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'"),
+    "lora_dropout": (lambda v: v is None or (_is_real(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "rank_dropout": (lambda v: v is None or (_is_real(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "module_dropout": (lambda v: v is None or (_is_real(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "decompose_both": (lambda v: isinstance(v, bool), "true or false"),
+    "decompose_factor": (lambda v: _is_int(v) and (v == -1 or v > 0), "-1 or a positive integer"),
+    "rank_dropout_scale": (lambda v: isinstance(v, bool), "true or false"),
+    "modules_to_save": (
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "null or a list of module names",
+    ),
 }
 
 
@@ -164,12 +562,16 @@ def _method_for_type(value) -> PeftMethod:
         if type(value) is m.adapter_type:
             return m
     raise TypeError(
-        f"Adapters of type {type(value).__name__} have no PEFT format in lora_jax; "
-        "add a row to `lora_jax._peft.PEFT_METHODS`."
+        f"Adapters of type {type(value).__name__} have no PEFT format in lora_jax "
+        f"(PEFT directories hold {', '.join(sorted(PEFT_METHODS))}); save them with "
+        "`lora_jax.save_adapter`."
     )
 
 
 def method_for_config(config: dict, where: str) -> PeftMethod:
+    """The method a PEFT config describes, after checking every key and value: an
+    unsupported peft_type or variant, an unknown key with a value, or a malformed
+    value is a ValueError naming the key and what is valid."""
     peft_type = config.get("peft_type")
     types = sorted({m.peft_type for m in PEFT_METHODS.values()})
     if peft_type not in types:
@@ -177,6 +579,12 @@ def method_for_config(config: dict, where: str) -> PeftMethod:
             f"{where!r} has peft_type {peft_type!r}, which lora_jax does not support; "
             f"supported: {', '.join(types)}."
         )
+    for key, (ok, valid) in UNSUPPORTED.items():
+        if key in config and not ok(config[key]):
+            raise ValueError(
+                f"{where!r} sets `{key}={config[key]!r}`, which lora_jax does not "
+                f"support (only {valid})."
+            )
     for m in PEFT_METHODS.values():
         if m.matches(config):
             break
@@ -185,14 +593,22 @@ def method_for_config(config: dict, where: str) -> PeftMethod:
         given = ", ".join(f"{k}={config.get(k)!r}" for k in flags)
         raise ValueError(
             f"{where!r} asks for a {peft_type} variant ({given}) that lora_jax does not "
-            "support yet."
+            "support."
         )
-    for key, ok in UNSUPPORTED.items():
-        if key in config and config[key] not in ok:
+    known = KNOWN_KEYS[peft_type]
+    for key, value in config.items():
+        if key not in known and value not in (None, False, {}, [], ""):
             raise ValueError(
-                f"{where!r} sets `{key}={config[key]!r}`, which lora_jax does not "
-                f"support (only {ok[0]!r})."
+                f"{where!r} sets `{key}={value!r}`, a key PEFT's {peft_type} config does "
+                "not have (as of PEFT 0.21) and lora_jax does not know; refusing to guess "
+                "what it changes. Remove it if it is harmless."
             )
+    for key in (m.rank_key, m.alpha_key):
+        if key not in config:
+            raise ValueError(f"{where!r} lacks `{key}`.")
+    for key, (ok, valid) in _VALUES.items():
+        if key in config and key in known and not ok(config[key]):
+            raise ValueError(f"{where!r} has `{key}={config[key]!r}`; it must be {valid}.")
     return m
 
 
@@ -234,10 +650,22 @@ def _split_key(key: str, suffixes, path: str):
     return rest, module, suffix
 
 
+def _other_method_suffix(rest: str, method: PeftMethod) -> PeftMethod | None:
+    for m in PEFT_METHODS.values():
+        if m is not method and any(rest.endswith("." + s) for s, _ in m.tensors):
+            return m
+    return None
+
+
+def _is_weight(x) -> bool:
+    """Adapters and quantised weights are leaves here (one weight each)."""
+    return is_adapter(x) or is_quantised(x)
+
+
 def _module_names(model) -> list[str]:
     """Every module (non-leaf node) name in `model`, parents first."""
     names: dict[str, None] = {}
-    for path, _ in jtu.tree_flatten_with_path(model, is_leaf=is_adapter)[0]:
+    for path, _ in jtu.tree_flatten_with_path(model, is_leaf=_is_weight)[0]:
         for i in range(1, len(path)):
             names[path_name(path[:i])] = None
     return list(names)
@@ -264,6 +692,52 @@ def _pattern_key(name: str, others: Sequence[str]) -> str:
     return key
 
 
+def _expand(name: str, n: int) -> list[str]:
+    return [name.replace(INDEX, str(i)) for i in range(n)] if INDEX in name else [name]
+
+
+class _Resolver:
+    """Torch names -> ours: exact names, and templates holding `{i}` for stacked
+    modules (`layers.{i}.attn.q` matches `layers.3.attn.q` as index 3)."""
+
+    def __init__(self, pairs: dict[str, str]):
+        self.exact: dict[str, str] = {}
+        self.templates: list[tuple[re.Pattern, str]] = []
+        for torch_name, ours in pairs.items():
+            if torch_name.count(INDEX) > 1:
+                raise ValueError(
+                    f"`name_map` gives {torch_name!r} for {ours!r}; a name holds at most "
+                    f"one {INDEX} (one stacking dimension)."
+                )
+            if INDEX in torch_name:
+                regex = re.escape(torch_name).replace(re.escape(INDEX), r"(0|[1-9][0-9]*)")
+                self.templates.append((re.compile(regex), ours))
+            else:
+                self.exact[torch_name] = ours
+
+    def __call__(self, torch_name: str) -> tuple[str, int | None] | None:
+        if torch_name in self.exact:
+            return self.exact[torch_name], None
+        for regex, ours in self.templates:
+            m = regex.fullmatch(torch_name)
+            if m:
+                return ours, int(m.group(1))
+        return None
+
+
+def _inverse(model, mapped) -> _Resolver:
+    inverse: dict[str, str] = {}
+    for name in _module_names(model):
+        torch_name = mapped(name)
+        if torch_name in inverse and inverse[torch_name] != name:
+            raise ValueError(
+                f"`name_map` sends both {inverse[torch_name]!r} and {name!r} to "
+                f"{torch_name!r}; it must be one-to-one."
+            )
+        inverse[torch_name] = name
+    return _Resolver(inverse)
+
+
 # ---------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------
@@ -271,26 +745,35 @@ def _pattern_key(name: str, others: Sequence[str]) -> str:
 
 def peft_contents(
     method: PeftMethod,
-    layers: dict[str, tuple[dict[str, np.ndarray], float]],
+    layers: dict[str, Layer],
     extra: dict[str, np.ndarray],
     *,
     all_modules: Sequence[str],
     rslora: bool,
     train_bias: str,
     modules_to_save: list[str] | None,
+    values: Sequence[Any] = (),
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """PEFT's tensors and config from `{torch module: (fields, scaling)}` and the extra
-    (bias, modules_to_save) tensors by torch name."""
+    """PEFT's tensors and config from `{torch module: Layer}` and the extra (bias,
+    modules_to_save) tensors by torch name. Checks that PEFT, reading the config,
+    builds every layer with exactly the tensors it has."""
+    if rslora and not method.rslora:
+        raise ValueError(f"`rslora=True` applies to LoRA and DoRA, not {method.method!r}.")
+    if train_bias != "none" and not method.bias:
+        raise ValueError(
+            f"PEFT's {method.peft_type} config has no `bias` option, so `train_bias` must "
+            f"be 'none' for {method.method!r} adapters (got {train_bias!r}); a fully "
+            "trained module can be saved with `trainable` (PEFT's modules_to_save)."
+        )
     tensors: dict[str, np.ndarray] = {}
     entries = {}  # torch module name -> (rank, alpha)
-    field_to_suffix = {f: s for s, f in method.tensors}
-    for module, (fields, scaling) in layers.items():
-        for f, arr in fields.items():
-            tensors[f"{PREFIX}{module}.{field_to_suffix[f]}"] = arr
-        rank = int(fields["a"].shape[-1])
-        entries[module] = (rank, snap_alpha(scaling, rank, rslora))
+    suffix_of = {f: s for s, f in method.tensors}
+    for module, layer in layers.items():
+        for f, arr in layer.fields.items():
+            tensors[f"{PREFIX}{module}.{suffix_of[f]}"] = arr
+        entries[module] = (layer.rank, snap_alpha(layer.scaling, layer.rank, rslora))
     for key, arr in extra.items():
         tensors[PREFIX + key] = arr
     r = _most_common([rank for rank, _ in entries.values()])
@@ -305,6 +788,7 @@ def peft_contents(
         target_modules = targets
     config = dict(method.defaults)
     config.update(method.flags)
+    config.update(method.configure(list(layers.values()), list(values)))
     config.update(
         {
             "peft_type": method.peft_type,
@@ -313,15 +797,56 @@ def peft_contents(
             "target_modules": target_modules,
             "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern,
-            "use_rslora": rslora,
-            "bias": train_bias,
             "modules_to_save": modules_to_save,
             "base_model_name_or_path": base_model_name_or_path,
             "task_type": task_type,
             "inference_mode": True,
         }
     )
+    if method.rslora:
+        config["use_rslora"] = rslora
+    if method.bias:
+        config["bias"] = train_bias
+    for module, layer in layers.items():
+        want = method.layout((), layer.out, layer.inp, layer.rank, config)
+        if _shapes(layer.fields) != want:
+            raise ValueError(
+                f"PEFT would build module {module!r} with tensors {want}, but the adapter "
+                f"holds {_shapes(layer.fields)}; it cannot be saved in PEFT's format."
+            )
     return tensors, config
+
+
+def _layers_of(path: str, value, method: PeftMethod, torch_name: str) -> dict[str, Layer]:
+    """`{torch module: Layer}` for one adapter value: one entry, or one per layer of a
+    stacked value (whose torch name must hold `{i}`)."""
+    fields = {f: np.asarray(getattr(value, f)) for f in saved_fields(value) if f in method.fields}
+    scaling = np.asarray(value.scaling, np.float32)
+    *batch, out, inp = value._w.shape
+    rank = int(value.rank)
+    if not batch:
+        if INDEX in torch_name:
+            raise ValueError(
+                f"`name_map` gives {torch_name!r} for the adapter at {path!r}, but that "
+                f"adapter is not stacked; {INDEX} is only for stacked layers."
+            )
+        return {torch_name: Layer(fields, float(scaling), rank, out, inp)}
+    if len(batch) != 1 or INDEX not in torch_name:
+        raise ValueError(
+            f"The adapter at {path!r} is stacked (weight shape {tuple(value._w.shape)}); "
+            "PEFT stores one matrix per module. Give its module a name with "
+            f"{INDEX} in `name_map` (for example {{{path.rpartition('.')[0]!r}: "
+            f"'layers.{INDEX}.{path.rpartition('.')[0].rpartition('.')[2]}'}}) to save "
+            "one PEFT module per layer"
+            + (" (one stacking dimension only)" if len(batch) != 1 else "")
+            + ", or save it with `lora_jax.save_adapter`."
+        )
+    return {
+        torch_name.replace(INDEX, str(i)): Layer(
+            {f: a[i] for f, a in fields.items()}, float(scaling[i]), rank, out, inp
+        )
+        for i in range(batch[0])
+    }
 
 
 def save_peft(
@@ -334,6 +859,7 @@ def save_peft(
     trainable: Sequence[str] | None = None,
     rslora: bool = False,
     task_type: str | None = None,
+    adapter: str | None = None,
 ) -> None:
     """Saves a model's adapters in PEFT's format, for `peft.PeftModel.from_pretrained`.
 
@@ -341,35 +867,52 @@ def save_peft(
 
     - `directory`: where to write `adapter_config.json` and
         `adapter_model.safetensors` (created if missing; each file written atomically).
-    - `model`: an adapted model.
+    - `model`: a model adapted with one method: LoRA (rsLoRA), DoRA, LoKr or LoHa.
     - `name_map`: maps our module names (`layers.0`, from the PyTree path) to the torch
         model's (`model.layers.0.mlp.up_proj`): a dict (names not in it are kept) or a
-        callable.
+        callable. A stacked module (weights with a leading layer axis) maps to a name
+        holding `{i}` (`{"blocks.mlp.up": "model.layers.{i}.mlp.up_proj"}`) and is
+        saved as one PEFT module per layer.
     - `base_model_name_or_path`, `task_type`: written to the config as they are.
     - `train_bias`: PEFT's `bias` (`"none"`, `"lora_only"`, `"all"`); those biases are
-        saved too.
+        saved too. LoRA and DoRA only (PEFT's LoKr and LoHa have no `bias`).
     - `trainable`: module names trained in full, saved as PEFT's `modules_to_save`.
     - `rslora`: write `use_rslora=True` (`lora_alpha = scaling·sqrt(r)`). Either way
         PEFT computes the same scaling as the model's.
+    - `adapter`: for a model with several stacked adapters
+        ([`lora_jax.stack_adapters`][]), the name of the one to save. PEFT keeps one
+        directory per adapter: save each to its own.
 
     Our `a` (`out × r`) is PEFT's `lora_B.weight`, our `b` (`r × in`) its
-    `lora_A.weight`. `lora_alpha` is chosen so that PEFT's scaling equals each layer's
-    scaling (quax's scaling of 1 gives `lora_alpha = r`); layers whose rank or alpha
-    differ from the most common go to `rank_pattern` / `alpha_pattern`.
+    `lora_A.weight`; DoRA's `m` is `lora_magnitude_vector`; LoKr's `w1`, `w1_a`, ...
+    are `lokr_w1`, `lokr_w1_a`, ... and LoHa's `w1a`, ... are `hada_w1_a`, ....
+    `lora_alpha` (`alpha`) is chosen so that PEFT's scaling equals each layer's scaling
+    (quax's scaling of 1 gives `lora_alpha = r`); layers whose rank or alpha differ
+    from the most common go to `rank_pattern` / `alpha_pattern`. For LoKr,
+    `decompose_both` and `decompose_factor` are those under which PEFT builds each
+    layer with the factors it holds.
     """
+    check_path(directory, "directory")
     check_choice(train_bias, "train_bias", ("none", "lora_only", "all"))
     if not isinstance(rslora, bool):
         raise TypeError(f"`rslora` must be a bool, got {rslora!r}.")
     mapped = _check_name_map(name_map)
+    if adapter is not None:
+        model = select_adapter(model, adapter)
+    elif has_stacked_adapters(model):
+        raise ValueError(
+            f"`model` holds several stacked adapters {list(adapter_names(model))}; a PEFT "
+            "directory holds one. Pass `adapter=` to choose which (one directory each)."
+        )
     adapters, biases = adapter_entries(model, train_bias=train_bias)
     if not adapters:
         raise ValueError("`model` has no adapters to save; adapt it first with `lora_jax.loraify`.")
     _, saved = adapter_entries(model, trainable=trainable) if trainable else ({}, {})
     layers = _layers_by_name(model)
-    all_modules = [mapped(n) for n in _module_names(model)]
 
     method = None
-    layers_out: dict[str, tuple[dict[str, np.ndarray], float]] = {}
+    layers_out: dict[str, Layer] = {}
+    stacks: dict[str, int] = {}  # our module -> number of stacked layers
     for path, value in adapters.items():
         module, _, fieldname = path.rpartition(".")
         layer = layers.get(module)
@@ -385,26 +928,46 @@ def save_peft(
                 "adapter directory holds one method."
             )
         method = m
-        if value._w.ndim != 2:
-            raise ValueError(
-                f"The adapter at {path!r} is stacked (weight shape {value._w.shape}); "
-                "PEFT stores one matrix per module. Unstack the layers first."
-            )
-        fields = {f: np.asarray(getattr(value, f)) for _, f in m.tensors}
-        layers_out[mapped(module)] = (fields, float(value.scaling))
+        if value._w.ndim > 2:
+            stacks[module] = value._w.shape[0]
+        for name, one in _layers_of(path, value, m, mapped(module)).items():
+            if name in layers_out:
+                raise ValueError(f"Two adapters of `model` would be saved as PEFT module {name!r}; check `name_map`.")
+            layers_out[name] = one
     assert method is not None
-    adapted_modules = {path.rpartition(".")[0] for path in adapters}
+    lengths = set(stacks.values()) or {1}
+    all_modules = [t for n in _module_names(model) for k in lengths for t in _expand(mapped(n), k)]
     extra: dict[str, np.ndarray] = {}
+
+    def add_extra(name: str, key: str, leaf) -> None:
+        arr = np.asarray(leaf)
+        if INDEX in key:
+            module = name.rpartition(".")[0]
+            n = stacks.get(module)
+            if n is None or arr.ndim == 0 or arr.shape[0] != n:
+                raise ValueError(
+                    f"`name_map` gives {key!r} for {name!r}, which is not stacked along "
+                    f"its first axis (shape {arr.shape})."
+                )
+            extra.update({key.replace(INDEX, str(i)): arr[i] for i in range(n)})
+        else:
+            extra[key] = arr
+
+    adapted_modules = {path.rpartition(".")[0] for path in adapters}
     for name, leaf in biases.items():
         module = name.rpartition(".")[0]
         key = f"{mapped(module)}.base_layer.bias" if module in adapted_modules else _torch_leaf(mapped, name)
-        extra[key] = np.asarray(leaf)
+        add_extra(name, key, leaf)
     modules_to_save = []
     for t in trainable or ():
         hits = [n for n in _module_names(model) if name_matches(n, t)]
-        modules_to_save.extend(mapped(n) for n in hits if mapped(n) not in modules_to_save)
+        for n in hits:
+            for k in lengths:
+                for torch_name in _expand(mapped(n), k):
+                    if torch_name not in modules_to_save:
+                        modules_to_save.append(torch_name)
     for name, leaf in saved.items():
-        extra[_torch_leaf(mapped, name)] = np.asarray(leaf)
+        add_extra(name, _torch_leaf(mapped, name), leaf)
     tensors, config = peft_contents(
         method,
         layers_out,
@@ -413,6 +976,7 @@ def save_peft(
         rslora=rslora,
         train_bias=train_bias,
         modules_to_save=modules_to_save or None,
+        values=list(adapters.values()),
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
     )
@@ -420,11 +984,16 @@ def save_peft(
 
 
 def write_peft_dir(directory, tensors: dict[str, np.ndarray], config: dict) -> None:
+    """Writes both files, each atomically. Both are encoded before either is
+    written, so an error in either leaves the directory as it was."""
     directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{directory!r} is a file; a PEFT adapter is a directory.")
+    weights = encode(tensors, {"format": "pt"})
+    text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     os.makedirs(directory, exist_ok=True)
-    write_safetensors(os.path.join(directory, WEIGHTS_NAME), tensors, {"format": "pt"})
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(os.path.join(directory, CONFIG_NAME), text.encode())
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), weights)
+    atomic_write(os.path.join(directory, CONFIG_NAME), text)
 
 
 # ---------------------------------------------------------------------------------------
@@ -461,17 +1030,74 @@ def read_peft_dir(directory) -> tuple[dict, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def _inverse(model, mapped) -> dict[str, str]:
-    inverse: dict[str, str] = {}
-    for name in _module_names(model):
-        torch_name = mapped(name)
-        if torch_name in inverse and inverse[torch_name] != name:
+def _lookup(name: str, patterns: dict, default):
+    for key, value in patterns.items():
+        if pattern_key_matches(name, key):
+            return value
+    return default
+
+
+def _rank_alpha(config: dict, method: PeftMethod, module: str) -> tuple[int, float]:
+    r = _lookup(module, config.get("rank_pattern") or {}, config[method.rank_key])
+    alpha = _lookup(module, config.get("alpha_pattern") or {}, config[method.alpha_key])
+    return int(r), float(alpha)
+
+
+def check_layer(
+    method: PeftMethod, config: dict, module: str, fields: dict, shape: tuple[int, ...] | None, where: str
+) -> tuple[int, float]:
+    """Checks one PEFT module's tensors against the config and (when known) the
+    weight's `(out, in)`: `(rank, scaling)`."""
+    rank, alpha = _rank_alpha(config, method, module)
+    suffix_of = {f: s for s, f in method.tensors}
+    got = method.rank_of(fields)
+    if got is not None and got != rank:
+        raise ValueError(
+            f"{where!r}: module {module!r} has rank {got}, but {CONFIG_NAME} says {rank}."
+        )
+    if shape is None:
+        try:
+            shape = method.dims(fields)
+        except (KeyError, IndexError):
+            missing = [suffix_of[f] for f in method.fields if f not in fields]
             raise ValueError(
-                f"`name_map` sends both {inverse[torch_name]!r} and {name!r} to "
-                f"{torch_name!r}; it must be one-to-one."
+                f"{where!r}: module {module!r} lacks tensors ({', '.join(missing)} among them)."
+            ) from None
+    out, inp = shape
+    want = method.layout((), out, inp, rank, config)
+    for f in want:
+        if f not in fields:
+            raise ValueError(f"{where!r} lacks {PREFIX}{module}.{suffix_of[f]}.")
+    for f, arr in fields.items():
+        if f not in want:
+            raise ValueError(
+                f"{where!r} has {PREFIX}{module}.{suffix_of[f]}, which PEFT does not build "
+                f"for a ({out}, {inp}) weight at rank {rank} with this {CONFIG_NAME} "
+                f"(it builds {', '.join(suffix_of[x] for x in want)})."
             )
-        inverse[torch_name] = name
-    return inverse
+        if tuple(arr.shape) != want[f]:
+            raise ValueError(
+                f"{where!r}: {PREFIX}{module}.{suffix_of[f]} has shape {tuple(arr.shape)}, "
+                f"but a ({out}, {inp}) weight at rank {rank} needs {want[f]}."
+            )
+    rslora = bool(config.get("use_rslora", False)) and method.rslora
+    return rank, peft_scaling(alpha, rank, rslora)
+
+
+def _gather(parts: dict[int | None, Any], n: int | None, what: str, where: str) -> list:
+    """The entries of one (maybe stacked) place in index order: `parts[None]` alone
+    for an unstacked one, `parts[0..n-1]` for a stack of `n`."""
+    if n is None:
+        if set(parts) != {None}:
+            raise ValueError(f"{where!r} has {what} both for one matrix and for stacked layers.")
+        return [parts[None]]
+    if set(parts) != set(range(n)):
+        have = sorted(i for i in parts if i is not None)
+        raise ValueError(
+            f"{where!r} has {what} for layers {have} of a stack of {n}; loading into "
+            "stacked weights needs every layer."
+        )
+    return [parts[i] for i in range(n)]
 
 
 def load_peft(
@@ -480,6 +1106,7 @@ def load_peft(
     *,
     name_map: NameMap = None,
     dtype=None,
+    adapter: str | None = None,
 ) -> PyTree:
     """Loads a PEFT adapter directory (`save_pretrained`'s output) into a model.
 
@@ -487,124 +1114,226 @@ def load_peft(
 
     - `directory`: holds `adapter_config.json` and `adapter_model.safetensors`.
     - `model`: the base model (or one already adapted at the same places: its
-        adapters' factors are replaced).
+        adapters' factors are replaced, their other settings kept).
     - `name_map`: as for [`lora_jax.save_peft`][]: maps our module names to the torch
-        model's.
+        model's; a stacked module maps to a name holding `{i}`, and PEFT's modules for
+        layers `0, 1, ...` are stacked into it.
     - `dtype`: the factors' dtype; defaults to the file's.
+    - `adapter`: for a model with stacked adapters ([`lora_jax.stack_adapters`][]),
+        the name under which to put this (LoRA) adapter: it replaces the adapter of
+        that name, or is added (inactive) if there is none.
 
     **Returns:**
 
-    The adapted model. Each adapted layer's weight becomes a [`lora_jax.LoraArray`][]
-    with `a = lora_B`, `b = lora_A` and PEFT's scaling (`lora_alpha/r`, or
-    `/sqrt(r)` with `use_rslora`, `rank_pattern`/`alpha_pattern` honoured). Saved
-    biases and `modules_to_save` leaves replace the model's. Everything is checked
-    before the new model is built; a tensor for a module the model lacks raises a
-    ValueError naming it.
+    The adapted model. Each adapted layer's weight becomes the method's value:
+    a [`lora_jax.LoraArray`][] (`a = lora_B`, `b = lora_A`), a
+    `lora_jax.DoraArray` (`m = lora_magnitude_vector`), a `lora_jax.LokrArray`
+    or a `lora_jax.LohaArray`, with PEFT's scaling (`alpha/r`, or `/sqrt(r)` with
+    `use_rslora`; `rank_pattern`/`alpha_pattern` honoured). Saved biases and
+    `modules_to_save` leaves replace the model's. Everything (the config's keys and
+    values, every tensor's name and shape) is checked before the new model is built:
+    an unsupported `peft_type`, an unknown config key, or a tensor for a module the
+    model lacks raises a ValueError naming it.
     """
-    directory = os.fspath(directory)
+    directory = check_path(directory, "directory")
     config, tensors = read_peft_dir(directory)
     cpath = os.path.join(directory, CONFIG_NAME)
     method = method_for_config(config, cpath)
+    if dtype is not None:
+        dtype = check_dtype(dtype, None)
+    if adapter is not None:
+        if not isinstance(adapter, str):
+            raise TypeError(f"`adapter` must be an adapter's name (str), got {adapter!r}.")
+        if not has_stacked_adapters(model):
+            raise ValueError(
+                f"`adapter={adapter!r}` puts the adapter into a stack of adapters, but "
+                "`model` has none (build one with `lora_jax.stack_adapters`)."
+            )
+        if method.method != "lora":
+            raise ValueError(f"{cpath!r} holds a {method.method!r} adapter; stacked adapters are LoRA only.")
+        stacked = model
+        model = jtu.tree_map(
+            lambda x: x._w if isinstance(x, MultiLoraArray) else x, model, is_leaf=is_adapter
+        )
+    elif has_stacked_adapters(model):
+        raise ValueError(
+            f"`model` holds stacked adapters {list(adapter_names(model))}; pass `adapter=` "
+            "to say which one this directory replaces or adds."
+        )
     mapped = _check_name_map(name_map)
-    inverse = _inverse(model, mapped)
+    modules = _inverse(model, mapped)
     layers = _layers_by_name(model)
     leaves = {
-        path_name(p): leaf for p, leaf in jtu.tree_flatten_with_path(model, is_leaf=is_adapter)[0]
+        path_name(p): leaf for p, leaf in jtu.tree_flatten_with_path(model, is_leaf=_is_weight)[0]
     }
-    torch_leaves = {_torch_leaf(mapped, n): n for n in leaves}
+    leaf_names = _Resolver({_torch_leaf(mapped, n): n for n in leaves})
     wpath = os.path.join(directory, WEIGHTS_NAME)
-    try:
-        default_r = int(config[method.rank_key])
-        default_alpha = float(config[method.alpha_key])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{cpath!r} lacks a valid {method.rank_key!r} or {method.alpha_key!r}.") from None
-    rslora = bool(config.get("use_rslora", False))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    after_map = " (after `name_map`)" if name_map is not None else ""
 
     suffixes = dict(method.tensors)
-    factors: dict[str, dict[str, np.ndarray]] = {}  # torch module -> field -> array
-    plain: dict[str, np.ndarray] = {}  # our leaf name -> array
+    factors: dict[str, dict[int | None, tuple[str, dict]]] = {}  # ours -> index -> (torch module, fields)
+    plain: dict[str, dict[int | None, np.ndarray]] = {}  # our leaf -> index -> array
     for key, arr in tensors.items():
         rest, module, suffix = _split_key(key, suffixes, wpath)
         if suffix is not None:
-            factors.setdefault(module, {})[suffixes[suffix]] = arr
+            hit = modules(module)
+            if hit is None or hit[0] not in layers:
+                raise ValueError(
+                    f"{wpath!r} has a {method.method} adapter for module {module!r}, which "
+                    f"`model` does not have{after_map}. Layers that can be adapted: "
+                    f"{', '.join(repr(mapped(n)) for n in list(layers)[:8])}."
+                )
+            ours, i = hit
+            factors.setdefault(ours, {}).setdefault(i, (module, {}))[1][suffixes[suffix]] = arr
             continue
+        other = _other_method_suffix(rest, method)
+        if other is not None:
+            raise ValueError(
+                f"Tensor {key!r} in {wpath!r} belongs to a {other.method} adapter, but "
+                f"{CONFIG_NAME} describes a {method.method} adapter."
+            )
         if rest.endswith(".base_layer.bias"):
             rest = rest[: -len(".base_layer.bias")] + ".bias"
-        ours = torch_leaves.get(rest)
-        if ours is None:
+        hit = leaf_names(rest)
+        if hit is None:
             raise ValueError(
                 f"Tensor {key!r} in {wpath!r} is for {rest!r}, which `model` does not "
                 "have" + (" (after `name_map`)." if name_map is not None else "; pass `name_map`?")
             )
+        ours, i = hit
         like = leaves[ours]
-        if tuple(arr.shape) != tuple(like.shape):
+        want = tuple(like.shape) if i is None else tuple(like.shape[1:])
+        if i is not None and (len(like.shape) == 0 or i >= like.shape[0]):
+            raise ValueError(f"Tensor {key!r} in {wpath!r} is layer {i} of {ours!r}, which has {like.shape[0] if like.shape else 0}.")
+        if tuple(arr.shape) != want:
             raise ValueError(
                 f"Tensor {key!r} in {wpath!r} has shape {tuple(arr.shape)}, but `model`'s "
-                f"{ours!r} has {tuple(like.shape)}."
+                f"{ours!r} has {want}."
             )
-        plain[ours] = arr.astype(like.dtype)
+        plain.setdefault(ours, {})[i] = arr
+    if not factors:
+        raise ValueError(f"{wpath!r} holds no {method.method} tensors.")
 
-    replacements: dict[str, Any] = {}  # our weight path -> new adapter
-    for module, fields in factors.items():
-        ours = inverse.get(module)
-        if ours is None or ours not in layers:
-            raise ValueError(
-                f"{wpath!r} has a {method.method} adapter for module {module!r}, which "
-                "`model` does not have" + (" (after `name_map`)" if name_map is not None else "")
-                + f". Layers that can be adapted: {', '.join(repr(mapped(n)) for n in list(layers)[:8])}."
-            )
-        missing = [s for s, f in method.tensors if f not in fields]
-        if missing:
-            raise ValueError(f"{wpath!r} lacks {PREFIX}{module}.{missing[0]}.")
+    # Every check, before anything is built.
+    plans = []
+    for ours, parts in factors.items():
         layer = layers[ours]
         weight_field = LAYERS[type(layer)].field
         current = getattr(layer, weight_field)
-        like = current if isinstance(current, method.adapter_type) else None
         base = current._w if is_adapter(current) else current
-        a, b = fields["a"], fields["b"]
-        rank = a.shape[-1] if a.ndim == 2 else -1
-        out, inp = base.shape[-2:]
-        if a.ndim != 2 or b.ndim != 2 or a.shape != (out, rank) or b.shape != (rank, inp):
+        *batch, out, inp = base.shape
+        stacked_parts = any(i is not None for i in parts)
+        if stacked_parts and len(batch) != 1:
             raise ValueError(
-                f"{wpath!r}: module {module!r} has lora_A {tuple(b.shape)} and lora_B "
-                f"{tuple(a.shape)}, which do not fit a weight of shape ({out}, {inp}) "
-                "(expected (r, in) and (out, r))."
+                f"`name_map` maps {ours!r} to a name with {INDEX}, but its weight has shape "
+                f"{tuple(base.shape)}, not one stack of matrices."
             )
-        expected_r = _lookup(module, rank_pattern, default_r)
-        if int(expected_r) != rank:
+        if not stacked_parts and batch:
             raise ValueError(
-                f"{wpath!r}: module {module!r} has rank {rank}, but {CONFIG_NAME} says "
-                f"{expected_r}."
+                f"{wpath!r} has one matrix for module {parts[None][0]!r}, but `model`'s "
+                f"{ours!r} is stacked (weight shape {tuple(base.shape)}); map it to a name "
+                f"with {INDEX} in `name_map` (`{{{ours!r}: 'layers.{INDEX}...'}}`)."
             )
-        alpha = float(_lookup(module, alpha_pattern, default_alpha))
-        if dtype is not None:
-            fields = {k: v.astype(jnp.dtype(dtype)) for k, v in fields.items()}
-        if like is not None:
-            fields = {k: _to_device(v, getattr(like, k)) for k, v in fields.items()}
-        replacements[f"{ours}.{weight_field}"] = method.build(
-            base, fields, peft_scaling(alpha, rank, rslora), like
-        )
-    if not replacements:
-        raise ValueError(f"{wpath!r} holds no {method.method} tensors.")
+        if not isinstance(layer, eqx.nn.Linear):
+            raise ValueError(
+                f"{wpath!r} has an adapter for {ours!r}, an {type(layer).__name__}; "
+                "lora_jax reads PEFT adapters of Linear layers."
+            )
+        per_layer = _gather(parts, batch[0] if stacked_parts else None, "adapter tensors", wpath)
+        ranks, scalings = [], []
+        for module, fields in per_layer:
+            rank, scaling = check_layer(method, config, module, fields, (out, inp), wpath)
+            ranks.append(rank)
+            scalings.append(scaling)
+        if len(set(ranks)) > 1:
+            raise ValueError(
+                f"{wpath!r} has ranks {ranks} for the layers stacked in {ours!r}; a stack "
+                "holds one rank."
+            )
+        if batch:
+            try:
+                method.layout(tuple(batch), out, inp, ranks[0], config)
+            except ValueError as e:
+                raise ValueError(f"{wpath!r} cannot be loaded into the stacked {ours!r}: {e}") from None
+        names = list(per_layer[0][1])
+        arrays = {
+            f: np.stack([fields[f] for _, fields in per_layer]) if stacked_parts else per_layer[0][1][f]
+            for f in names
+        }
+        scaling = np.asarray(scalings if stacked_parts else scalings[0], np.float32)
+        plans.append((ours, weight_field, current, base, ranks[0], arrays, scaling))
+    if adapter is not None:
+        places = {f"{ours}.{field}" for ours, field, *_ in plans}
+        stack_places = {
+            path_name(p)
+            for p, x in jtu.tree_flatten_with_path(stacked, is_leaf=is_adapter)[0]
+            if isinstance(x, MultiLoraArray)
+        }
+        if places != stack_places:
+            raise ValueError(
+                f"{wpath!r} adapts {sorted(p.rpartition('.')[0] for p in places)}, but "
+                f"`model`'s stacked adapters are at {sorted(p.rpartition('.')[0] for p in stack_places)}; "
+                "an adapter put into the stack must adapt the same places."
+            )
+        if plain:
+            raise ValueError(
+                f"{wpath!r} also holds {sorted(plain)} (biases or modules_to_save), which "
+                "stacked adapters cannot hold per adapter; load it without `adapter=`."
+            )
+    plain_arrays = {}
+    for ours, parts in plain.items():
+        like = leaves[ours]
+        stacked_parts = any(i is not None for i in parts)
+        got = _gather(parts, like.shape[0] if stacked_parts else None, f"tensors of {ours!r}", wpath)
+        plain_arrays[ours] = (np.stack(got) if stacked_parts else got[0]).astype(like.dtype)
+
+    # Building.
+    replacements: dict[str, Any] = {}
+    for ours, weight_field, current, base, rank, arrays, scaling in plans:
+        replacements[f"{ours}.{weight_field}"] = _build(method, current, base, rank, arrays, scaling, config, dtype)
 
     def swap(path, leaf):
         name = path_name(path)
         if name in replacements:
             return replacements[name]
-        if name in plain:
-            return _to_device(plain[name], leaf)
+        if name in plain_arrays:
+            return _to_device(plain_arrays[name], leaf)
         return leaf
 
-    return jtu.tree_map_with_path(swap, model, is_leaf=is_adapter)
+    out = jtu.tree_map_with_path(swap, model, is_leaf=_is_weight)
+    if adapter is not None:
+        out = put_adapter(stacked, adapter, out)
+    return out
 
 
-def _lookup(name: str, patterns: dict, default):
-    for key, value in patterns.items():
-        if pattern_key_matches(name, key):
-            return value
-    return default
+def _build(method: PeftMethod, current, base, rank: int, arrays: dict, scaling: np.ndarray, config: dict, dtype):
+    """The adapter value for one place: `current` (the model's adapter there) with its
+    arrays replaced when it has the same structure, else a new value of the method
+    (keeping `current`'s `stop_gradient`/`allow_materialise`)."""
+    dtype = dtype if dtype is not None else next(iter(arrays.values())).dtype
+    arrays = {f: np.asarray(a).astype(dtype) for f, a in arrays.items()}
+    same = (
+        type(current) is method.adapter_type
+        and set(saved_fields(current)) - {"scaling"} == set(arrays)
+        and getattr(current, "r", rank) == rank
+        and not getattr(current, "transposed", False)
+        and getattr(current, "axis", -2) == -2
+    )
+    if same:
+        value = current
+        new = {f: _to_device(a, getattr(current, f)) for f, a in arrays.items()}
+    else:
+        flags = {}
+        if is_adapter(current):
+            flags = {"stop_gradient": current.stop_gradient, "allow_materialise": current.allow_materialise}
+        value = method.new(base, rank, config, dtype, flags)
+        new = {f: jnp.asarray(a) for f, a in arrays.items()}
+    names = list(new)
+    return eqx.tree_at(
+        lambda v: (v._w, v.scaling, *(getattr(v, f) for f in names)),
+        value,
+        (base, jnp.asarray(scaling), *(new[f] for f in names)),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -612,31 +1341,52 @@ def _lookup(name: str, patterns: dict, default):
 # ---------------------------------------------------------------------------------------
 
 
-def lora_jax_file_to_peft(src, dst, *, rslora: bool = False) -> None:
+def lora_jax_file_to_peft(src, dst, *, rslora: bool = False, adapter: str | None = None) -> None:
     """Rewrites a [`lora_jax.save_adapter`][] file as a PEFT adapter directory. An
-    adapter saved at `<module>.weight` becomes PEFT's module `<module>`."""
-    from ._io import _json_meta, check_format
-
-    tensors, metadata = read_safetensors(src)
-    check_format(src, metadata)
-    info = _json_meta(src, metadata, "adapters")
-    extras = _json_meta(src, metadata, "extras")
-    trainable = _json_meta(src, metadata, "trainable")
+    adapter saved at `<module>.weight` becomes PEFT's module `<module>`. From a file of
+    stacked adapters, `adapter` names the one to write."""
+    tensors, metadata, info, extras = read_adapter_file(src)
+    where = os.fspath(src)
+    trainable = json.loads(metadata.get("trainable", "null"))
     train_bias = metadata.get("train_bias", "none")
     methods = {e["method"] for e in info.values()}
+    if methods == {"multi_lora"}:
+        names = json.loads(metadata.get("adapter_names", "[]"))
+        if adapter is None:
+            raise ValueError(
+                f"{where!r} holds stacked adapters {names}; a PEFT directory holds one. "
+                "Choose one (`--adapter NAME`)."
+            )
+        if adapter not in names:
+            raise ValueError(f"`adapter` {adapter!r} is not in {where!r}; it holds {names}.")
+        tensors, info = _pick_adapter(tensors, info, adapter)
+        methods = {"lora"}
+    elif adapter is not None:
+        raise ValueError(f"{where!r} holds no stacked adapters; leave `adapter` out.")
     if len(methods) != 1 or next(iter(methods)) not in PEFT_METHODS:
         raise ValueError(
-            f"{os.fspath(src)!r} holds {sorted(methods)} adapters; PEFT directories "
+            f"{where!r} holds {sorted(methods)} adapters; PEFT directories "
             f"hold one of {sorted(PEFT_METHODS)}."
         )
     method = PEFT_METHODS[methods.pop()]
     layers = {}
     for path in info:
         module = path.rpartition(".")[0]
-        fields = {f: tensors[f"{path}.{f}"] for _, f in method.tensors}
-        if fields["a"].ndim != 2:
-            raise ValueError(f"The adapter at {path!r} is stacked; PEFT stores one matrix per module.")
-        layers[module] = (fields, float(tensors[f"{path}.scaling"]))
+        fields = {f: tensors[f"{path}.{f}"] for f in method.fields if f"{path}.{f}" in tensors}
+        scaling = tensors[f"{path}.scaling"]
+        if scaling.ndim != 0:
+            raise ValueError(
+                f"The adapter at {path!r} in {where!r} is stacked (scaling shape "
+                f"{scaling.shape}); PEFT stores one matrix per module. Load the file into "
+                "its model and save with `lora_jax.save_peft(..., name_map=...)`, mapping "
+                f"the stacked module to a name with {INDEX}."
+            )
+        try:
+            out, inp = method.dims(fields)
+        except (KeyError, IndexError):
+            raise ValueError(f"{where!r}: the {method.method} adapter at {path!r} lacks tensors.") from None
+        rank = int(info[path].get("rank", method.rank_of(fields) or 0))
+        layers[module] = Layer(fields, float(scaling), rank, out, inp)
     extra = {}
     for name in extras:
         owner = name.rpartition(".")[0]
@@ -644,7 +1394,7 @@ def lora_jax_file_to_peft(src, dst, *, rslora: bool = False) -> None:
             extra[owner + ".base_layer.bias"] = tensors[name]
         else:
             extra[name] = tensors[name]
-    out, config = peft_contents(
+    out_tensors, config = peft_contents(
         method,
         layers,
         extra,
@@ -653,40 +1403,68 @@ def lora_jax_file_to_peft(src, dst, *, rslora: bool = False) -> None:
         train_bias=train_bias,
         modules_to_save=trainable,
     )
-    write_peft_dir(dst, out, config)
+    write_peft_dir(dst, out_tensors, config)
+
+
+def _pick_adapter(tensors, info, name):
+    """One adapter of a stacked-adapters file, as the tensors of a LoRA file."""
+    out, picked = {}, {}
+    for path, entry in info.items():
+        names, ranks = entry.get("names"), entry.get("ranks")
+        if not isinstance(names, list) or not isinstance(ranks, list) or name not in names or len(ranks) != len(names):
+            raise ValueError(f"The stacked adapters at {path!r} are {names!r}, without {name!r}.")
+        i = names.index(name)
+        r = int(ranks[i])
+        out[f"{path}.a"] = tensors[f"{path}.a"][i][..., :r]
+        out[f"{path}.b"] = tensors[f"{path}.b"][i][..., :r, :]
+        out[f"{path}.scaling"] = tensors[f"{path}.scaling"][i]
+        picked[path] = {"method": "lora", "rank": r}
+    for key, arr in tensors.items():
+        if not any(key.startswith(p + ".") for p in info):
+            out[key] = arr
+    return out, picked
 
 
 def peft_to_lora_jax_file(src, dst) -> None:
     """Rewrites a PEFT adapter directory as a [`lora_jax.save_adapter`][] file; PEFT's
-    module `<module>` becomes our adapter at `<module>.weight`."""
+    module `<module>` becomes our adapter at `<module>.weight`. Every module's tensors
+    are checked against the config first."""
     from . import __version__
-    from ._io import FORMAT_NAME, FORMAT_VERSION
 
     config, tensors = read_peft_dir(src)
-    cpath = os.path.join(os.fspath(src), CONFIG_NAME)
+    where = os.fspath(src)
+    cpath = os.path.join(where, CONFIG_NAME)
     method = method_for_config(config, cpath)
-    rslora = bool(config.get("use_rslora", False))
     suffixes = dict(method.tensors)
+    modules: dict[str, dict[str, np.ndarray]] = {}
     out: dict[str, np.ndarray] = {}
-    info: dict[str, dict] = {}
     extras = []
     for key, arr in tensors.items():
-        rest, module, suffix = _split_key(key, suffixes, os.fspath(src))
+        rest, module, suffix = _split_key(key, suffixes, where)
         if suffix is not None:
-            out[f"{module}.weight.{suffixes[suffix]}"] = arr
-            info.setdefault(f"{module}.weight", {"method": method.method})
+            modules.setdefault(module, {})[suffixes[suffix]] = arr
             continue
+        other = _other_method_suffix(rest, method)
+        if other is not None:
+            raise ValueError(
+                f"Tensor {key!r} in {where!r} belongs to a {other.method} adapter, but "
+                f"{CONFIG_NAME} describes a {method.method} adapter."
+            )
         if rest.endswith(".base_layer.bias"):
             rest = rest[: -len(".base_layer.bias")] + ".bias"
         out[rest] = arr
         extras.append(rest)
-    for path, entry in info.items():
-        module = path.rpartition(".")[0]
-        rank = int(out[f"{path}.a"].shape[-1])
-        alpha = float(_lookup(module, config.get("alpha_pattern") or {}, config[method.alpha_key]))
-        scaling = np.asarray(peft_scaling(alpha, rank, rslora), np.float32)
-        out[f"{path}.scaling"] = scaling
-        entry.update(rank=rank, scaling=float(scaling))
+    if not modules:
+        raise ValueError(f"{where!r} holds no {method.method} tensors.")
+    info: dict[str, dict] = {}
+    for module, fields in modules.items():
+        rank, scaling = check_layer(method, config, module, fields, None, where)
+        path = f"{module}.weight"
+        for f, arr in fields.items():
+            out[f"{path}.{f}"] = arr
+        s = np.asarray(scaling, np.float32)
+        out[f"{path}.scaling"] = s
+        info[path] = {"method": method.method, "rank": rank, "scaling": float(s)}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -697,7 +1475,7 @@ def peft_to_lora_jax_file(src, dst) -> None:
         "targets": json.dumps(list(info)),
         "adapters": json.dumps(info),
         "extras": json.dumps(extras),
-        "train_bias": config.get("bias", "none"),
+        "train_bias": config.get("bias", "none") if method.bias else "none",
         "trainable": json.dumps(config.get("modules_to_save")),
     }
     write_safetensors(dst, out, metadata)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import pytest
 import quax
 
 import lora_jax as lora
@@ -121,3 +123,69 @@ def test_module_entry_point(tmp_path, getkey):
         [sys.executable, "-m", "lora_jax", "frobnicate"], capture_output=True, text=True, env=env, timeout=120
     )
     assert run.returncode == 2 and "invalid choice" in run.stderr
+
+
+def _same_adapters(x, y):
+    """Every adapter's saved fields, bitwise."""
+    from lora_jax._io import saved_fields
+
+    for lx, ly in zip(x.layers, y.layers):
+        vx, vy = lx.weight, ly.weight
+        assert type(vx) is type(vy) and saved_fields(vx) == saved_fields(vy)
+        for f in saved_fields(vx):
+            assert np.asarray(getattr(vx, f)).tobytes() == np.asarray(getattr(vy, f)).tobytes(), f
+
+
+METHODS = {
+    "dora": dict(method="dora", rank=2, alpha=3.0),
+    "lokr": dict(method="lokr", rank=2, alpha=4.0, rank_pattern={"layers.1": 3}),
+    "loha": dict(method="loha", rank=2, alpha=5.0),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_inspect_and_convert_methods(tmp_path, getkey, capsys, method):
+    kw = METHODS[method]
+    model = _model(getkey(), **kw)
+    base = lora.unloraify(model)[0]
+    trainable = lora.summary(model).trainable
+    src = tmp_path / "a.safetensors"
+    lora.save_adapter(src, model)
+    assert main(["inspect", str(src), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["method"] == method and d["adapter_parameters"] == trainable
+    assert d["targets"] == {f"layers.{i}.weight": (3 if (method == "lokr" and i == 1) else 2) for i in range(3)}
+    # lora_jax -> PEFT: the directory describes the same adapter and loads into the base.
+    peft_dir = tmp_path / "peft"
+    assert main(["convert", str(src), str(peft_dir)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(peft_dir), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["method"] == method and d["peft_type"] == {"dora": "LORA", "lokr": "LOKR", "loha": "LOHA"}[method]
+    assert d["adapter_parameters"] == trainable
+    assert d["targets"] == {f"layers.{i}": (3 if (method == "lokr" and i == 1) else 2) for i in range(3)}
+    _same_adapters(lora.load_peft(peft_dir, base), model)
+    # PEFT -> lora_jax: the same tensors again, bitwise.
+    back = tmp_path / "back.safetensors"
+    assert main(["convert", str(peft_dir), str(back)]) == 0
+    fresh = lora.loraify(base, key=getkey(), **kw)
+    _same_adapters(lora.load_adapter(back, fresh), model)
+    assert main(["inspect", str(peft_dir)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(rf"^method\s+{method}$", text, re.M) and re.search(r"^\s+layers\.1  \(rank \d\)$", text, re.M)
+
+
+def test_convert_one_of_stacked_adapters(tmp_path, getkey, capsys):
+    base = eqx.nn.MLP(4, 3, width_size=5, depth=2, key=getkey())
+    en = randomise_model(lora.loraify(base, rank=2, key=getkey()), getkey())
+    fr = randomise_model(lora.loraify(base, rank=3, alpha=6.0, key=getkey()), getkey())
+    src = tmp_path / "stack.safetensors"
+    lora.save_adapter(src, lora.stack_adapters({"en": en, "fr": fr}))
+    assert main(["inspect", str(src), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["adapter_names"] == ["en", "fr"]
+    assert d["adapter_parameters"] == lora.summary(en).trainable + lora.summary(fr).trainable
+    assert main(["convert", str(src), str(tmp_path / "x")]) == 1
+    assert "stacked adapters ['en', 'fr']" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["convert", str(src), str(tmp_path / "fr"), "--adapter", "fr"]) == 0
+    _same_adapters(lora.load_peft(tmp_path / "fr", base), fr)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -242,3 +243,229 @@ def test_readable_by_safetensors(tmp_path, getkey):
     lora.save_adapter(path, model)
     tensors = load_file(str(path))
     assert np.array_equal(tensors["layers.1.weight.b"], model.layers[1].weight.b)
+
+
+# --- Every method: save -> load is bitwise ---------------------------------------------
+
+
+def _layers_model(key):
+    k1, k2, k3 = jr.split(key, 3)
+    return {
+        "conv": eqx.nn.Conv2d(2, 3, 3, key=k1),
+        "emb": eqx.nn.Embedding(7, 4, key=k2),
+        "net": Net(k3),
+    }
+
+
+METHOD_CASES = {
+    "dora": lambda m, k: lora.loraify(m, rank=2, alpha=3.0, method="dora", key=k, where=["layers.0", "layers.1"]),
+    "dora_rslora_bf16": lambda m, k: lora.loraify(m, rank=2, alpha=3.0, rslora=True, method="dora", dtype=jnp.bfloat16, key=k),
+    "lokr": lambda m, k: lora.loraify(m, rank=2, method="lokr", key=k),
+    "lokr_decompose_both": lambda m, k: lora.loraify(m, rank=1, alpha=2.0, method="lokr", decompose_both=True, key=k),
+    "lokr_factor": lambda m, k: lora.loraify(m, rank=2, method="lokr", decompose_factor=2, rank_dropout=0.1, key=k),
+    "loha": lambda m, k: lora.loraify(m, rank=2, alpha=5.0, method="loha", key=k, rank_pattern={"head": 3}),
+    "conv_embedding": lambda m, k: lora.loraify(m, rank=2, key=k, where=["conv", "emb"]),
+}
+
+
+@pytest.mark.parametrize("case", list(METHOD_CASES), ids=list(METHOD_CASES))
+def test_every_method_roundtrip_bitwise(tmp_path, getkey, case):
+    build = METHOD_CASES[case]
+    base = _layers_model(getkey()) if case == "conv_embedding" else Net(getkey())
+    saved = randomise_model(build(base, getkey()), getkey())
+    path = tmp_path / "adapter.safetensors"
+    lora.save_adapter(path, saved)
+    _, meta = lio.read_safetensors(path)
+    methods = {e["method"] for e in json.loads(meta["adapters"]).values()}
+    assert methods == ({"lora_conv", "lora_embedding"} if case == "conv_embedding" else {case.split("_")[0]})
+    # A model adapted the same way with other values takes the saved ones, bitwise.
+    fresh = build(base, getkey())
+    assert not _equal_bytes(fresh, saved)
+    _bitwise_equal(lora.load_adapter(path, fresh), saved)
+
+
+def _equal_bytes(x, y) -> bool:
+    try:
+        _bitwise_equal(x, y)
+    except AssertionError:
+        return False
+    return True
+
+
+def test_lokr_fields_saved_as_held(tmp_path, getkey):
+    """LoKr writes exactly the factors the value holds (whole or decomposed)."""
+    k1, k2 = jr.split(getkey())
+    base = {"big": eqx.nn.Linear(16, 24, key=k1), "small": eqx.nn.Linear(4, 6, key=k2)}
+    model = lora.loraify(base, rank=1, method="lokr", decompose_both=True, key=getkey())
+    assert model["big"].weight.w1_a is not None and model["small"].weight.w1 is not None
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, model)
+    tensors, _ = lio.read_safetensors(path)
+    for name in ("big", "small"):
+        v = model[name].weight
+        held = {f for f in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b") if getattr(v, f) is not None}
+        in_file = {k.rpartition(".")[2] for k in tensors if k.startswith(f"{name}.weight.")} - {"scaling"}
+        assert in_file == held
+    # A LoKr model with the other structure does not take the file.
+    other = lora.loraify(base, rank=1, method="lokr", key=getkey())
+    with pytest.raises(ValueError, match=r"lacks tensor 'big\.weight\.w1'"):
+        lora.load_adapter(path, other)
+
+
+def test_method_mismatch_names_place(tmp_path, getkey):
+    base = Net(getkey())
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, lora.loraify(base, rank=2, method="dora", key=getkey()))
+    with pytest.raises(ValueError, match=r"holds a 'dora' adapter at 'layers\.0\.weight', but `model` has a 'lora' adapter"):
+        lora.load_adapter(path, lora.loraify(base, rank=2, key=getkey()))
+
+
+# --- Hostile files ----------------------------------------------------------------------
+
+
+def _raw(header: dict, body: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + body
+
+
+def _model_and_file(tmp_path, getkey):
+    model = _adapted(getkey(), rank=2)
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, model)
+    return model, path
+
+
+HOSTILE = {
+    "oversized_header": (lambda data: (2**40).to_bytes(8, "little") + data[8:], "header claims 1099511627776 bytes, more than"),
+    "trailing_bytes": (lambda data: data + b"\0" * 8, "8 bytes after its last tensor"),
+    "flipped_bit": (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "does not match the checksum"),
+    "overlap": (
+        lambda data: _raw({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "y": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+        "'y' overlaps the tensor before it",
+    ),
+    "hole": (
+        lambda data: _raw({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+        "'x' leaves a hole of 4 bytes",
+    ),
+    "overflowing_shape": (
+        lambda data: _raw({"x": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "'x' has 4 bytes of data, but shape",
+    ),
+    "negative_shape": (
+        lambda data: _raw({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "'x' has a malformed entry",
+    ),
+    "unknown_dtype": (
+        lambda data: _raw({"x": {"dtype": "F8_E9", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
+        "'x' has a malformed entry",
+    ),
+    "duplicate_key": (
+        lambda data: (lambda t: len(t).to_bytes(8, "little") + t + b"\0" * 4)(
+            b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+        ),
+        "the key 'x' appears twice",
+    ),
+    "metadata_not_strings": (lambda data: _raw({"__metadata__": {"format": 1}}), "`__metadata__` is not a map of strings"),
+    "header_not_object": (lambda data: _raw([1, 2]), "header is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_hostile_files(tmp_path, getkey, case):
+    model, path = _model_and_file(tmp_path, getkey)
+    corrupt, message = HOSTILE[case]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(ValueError, match=r"bad\.safetensors' is not a valid safetensors file: .*" + re.escape(message)):
+        lora.load_adapter(bad, model)
+
+
+def test_hostile_metadata(tmp_path, getkey):
+    model, path = _model_and_file(tmp_path, getkey)
+    tensors, meta = lio.read_safetensors(path)
+    bad = tmp_path / "bad.safetensors"
+    for change, message in [
+        ({"adapters": "[1]"}, "malformed metadata 'adapters'"),
+        ({"adapters": "{"}, "missing or malformed metadata 'adapters'"),
+        ({"adapters": json.dumps({"layers.0.weight": {"method": "magic"}})}, "as {'method': 'magic'}; this lora_jax knows"),
+        ({"adapters": json.dumps({"nowhere.weight": {"method": "lora"}})}, "lists an adapter at 'nowhere.weight' but holds no tensor"),
+        ({"extras": json.dumps(["ghost.bias"])}, "lists the tensor 'ghost.bias' but does not hold it"),
+        ({"trainable": "5"}, "malformed metadata 'trainable'"),
+        ({"train_bias": "some"}, "malformed metadata `train_bias='some'`"),
+        ({"format_version": "99"}, "format version '99'"),
+    ]:
+        lio.write_safetensors(bad, tensors, {**meta, **change})
+        with pytest.raises(ValueError, match=re.escape(message)):
+            lora.load_adapter(bad, model)
+
+
+def test_validation_before_any_work(tmp_path, getkey, monkeypatch):
+    """A file that does not fit fails before any leaf is built or moved to a device;
+    one that fits builds the model in one go."""
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, _adapted(getkey(), rank=2))
+    calls = []
+    real = lio._replace_leaves
+    monkeypatch.setattr(lio, "_replace_leaves", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lio, "_to_device", lambda *a: pytest.fail("moved a tensor before validating"))
+    other = _adapted(getkey(), rank=2, rank_pattern={"layers.1": 3})
+    with pytest.raises(ValueError, match=r"'layers\.1\.weight\.a'"):
+        lora.load_adapter(path, other)
+    assert calls == []
+
+
+def test_interrupted_peft_save_keeps_old_directory(tmp_path, getkey, monkeypatch):
+    old = _adapted(getkey(), rank=2)
+    lora.save_peft(tmp_path, old)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(lio, "_CHUNK", 16)
+    real_write = os.write
+    calls = []
+
+    def flaky_write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 3:
+            raise OSError("disk on fire")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", flaky_write)
+    with pytest.raises(OSError, match="disk on fire"):
+        lora.save_peft(tmp_path, _adapted(getkey(), rank=3))
+    monkeypatch.setattr(os, "write", real_write)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    loaded = lora.load_peft(tmp_path, lora.unloraify(old)[0])
+    assert np.array_equal(loaded.layers[0].weight.a, old.layers[0].weight.a)
+
+
+def test_peft_validation_before_any_work(tmp_path, getkey, monkeypatch):
+    import lora_jax._peft as lpeft
+
+    lora.save_peft(tmp_path, lora.loraify(Net(getkey()), rank=2, key=getkey(), where=["layers.0", "layers.1"]))
+    monkeypatch.setattr(lpeft, "_build", lambda *a: pytest.fail("built an adapter before validating"))
+
+    class Other(eqx.Module):  # layers.1 is (7, 6) here, not (5, 6): checked after layers.0
+        layers: list
+        head: eqx.nn.Linear
+
+    k1, k2, k3 = jr.split(getkey(), 3)
+    other = Other([eqx.nn.Linear(4, 6, key=k1), eqx.nn.Linear(6, 7, key=k2)], eqx.nn.Linear(7, 3, key=k3))
+    with pytest.raises(ValueError, match=r"layers\.1\.lora_B\.weight has shape \(5, 2\)"):
+        lora.load_peft(tmp_path, other)
+
+
+def test_bad_paths(tmp_path, getkey):
+    model = _adapted(getkey(), rank=2)
+    with pytest.raises(TypeError, match=r"`path` must be a path \(str or os.PathLike\), got int"):
+        lora.save_adapter(5, model)
+    with pytest.raises(TypeError, match="`path` must be a path"):
+        lora.load_adapter(None, model)
+    with pytest.raises(FileNotFoundError, match=r"the directory '.*missing' does not exist"):
+        lora.save_adapter(tmp_path / "missing" / "a.safetensors", model)
+    with pytest.raises(ValueError, match="it is a directory"):
+        lora.save_adapter(tmp_path, model)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="'.*file' is a file; a PEFT adapter is a directory"):
+        lora.save_peft(tmp_path / "file", model)
+    with pytest.raises(TypeError, match="`directory` must be a path"):
+        lora.load_peft(3.0, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

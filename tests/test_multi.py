@@ -131,3 +131,56 @@ def test_combine(setup, getkey):
         want = s[0] * np.outer(u[:, 0], vt[0])
         v = low.layers[i].weight
         assert np.allclose(np.asarray(v.a @ v.b) * float(v.scaling), want, atol=1e-4)
+
+
+def _bytes_equal(x, y):
+    xs, xt = jax.tree_util.tree_flatten(x)
+    ys, yt = jax.tree_util.tree_flatten(y)
+    assert xt == yt
+    for a, b in zip(xs, ys):
+        if eqx.is_array(a):
+            assert a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_save_load_every_adapter(setup, tmp_path, getkey):
+    import json
+
+    from lora_jax._io import read_safetensors
+
+    base, en, fr, model = setup
+    model = lora.set_adapter(model, {"en": 0.3, "fr": 0.7})
+    path = tmp_path / "stack.safetensors"
+    lora.save_adapter(path, model)
+    _, meta = read_safetensors(path)
+    assert json.loads(meta["adapter_names"]) == ["en", "fr"] and meta["method"] == "multi_lora"
+    fresh = lora.stack_adapters({
+        "en": lora.loraify(base, rank=2, key=getkey()),
+        "fr": lora.loraify(base, rank=3, key=getkey()),
+    })
+    loaded = lora.load_adapter(path, fresh)
+    _bytes_equal(loaded, model)  # factors, scalings and the mixing weights
+    x = jr.normal(getkey(), (4,))
+    assert np.allclose(_call(loaded, x), _dense(base, x, [(0.3, en), (0.7, fr)]), atol=1e-5)
+    other = lora.stack_adapters({"en": en, "de": fr})
+    with pytest.raises(ValueError, match=r"with names \['en', 'fr'\], but `model` has \['en', 'de'\]"):
+        lora.load_adapter(path, other)
+    same_shapes = lora.stack_adapters({"en": lora.loraify(base, rank=3, key=getkey()), "fr": fr})
+    with pytest.raises(ValueError, match=r"with ranks \[2, 3\], but `model` has \[3, 3\]"):
+        lora.load_adapter(path, same_shapes)
+    with pytest.raises(ValueError, match="holds a 'multi_lora' adapter"):
+        lora.load_adapter(path, en)
+
+
+def test_save_one_adapter_of_many(setup, tmp_path, getkey):
+    base, en, fr, model = setup
+    path = tmp_path / "fr.safetensors"
+    lora.save_adapter(path, model, adapter="fr")
+    loaded = lora.load_adapter(path, lora.loraify(base, rank=3, key=getkey()))
+    for i in range(2):
+        got, want = loaded.layers[i].weight, fr.layers[i].weight
+        for f in ("a", "b", "scaling"):
+            assert np.asarray(getattr(got, f)).tobytes() == np.asarray(getattr(want, f)).tobytes()
+    with pytest.raises(ValueError, match="`adapter` 'it' is not an adapter"):
+        lora.save_adapter(path, model, adapter="it")
+    with pytest.raises(ValueError, match="but `model` has none"):
+        lora.save_adapter(path, en, adapter="en")

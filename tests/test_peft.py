@@ -1,10 +1,12 @@
-"""Interop with the real PEFT: files written by lora_jax load in PEFT and give the same
-outputs, and the other way round."""
+"""Interop with the real PEFT, for every method (LoRA, rsLoRA, DoRA, LoKr, LoHa): files
+written by lora_jax load in PEFT and give the same outputs, and the other way round;
+parameter counts and tensor layouts equal PEFT's."""
 
 import json
 import math
 
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -12,22 +14,26 @@ import pytest
 import quax
 
 import lora_jax as lora
+from lora_jax._io import saved_fields
 
-from .helpers import dense_lora, randomise_model
+from .helpers import randomise_model
 
 
 torch = pytest.importorskip("torch", reason="PEFT interop needs torch: pip install torch==2.13.0")
 peft = pytest.importorskip("peft", reason="PEFT interop needs peft: pip install peft")
+
+SIZES = (4, 6, 8, 3)
 
 
 class Net(eqx.Module):
     layers: list
     head: eqx.nn.Linear
 
-    def __init__(self, key):
+    def __init__(self, key, sizes=SIZES):
         k1, k2, k3 = jr.split(key, 3)
-        self.layers = [eqx.nn.Linear(4, 6, key=k1), eqx.nn.Linear(6, 5, key=k2)]
-        self.head = eqx.nn.Linear(5, 3, key=k3)
+        a, b, c, d = sizes
+        self.layers = [eqx.nn.Linear(a, b, key=k1), eqx.nn.Linear(b, c, key=k2)]
+        self.head = eqx.nn.Linear(c, d, key=k3)
 
     def __call__(self, x):
         for layer in self.layers:
@@ -36,11 +42,12 @@ class Net(eqx.Module):
 
 
 class TorchNet(torch.nn.Module):
-    def __init__(self, names=("layers", "head")):
+    def __init__(self, names=("layers", "head"), sizes=SIZES):
         super().__init__()
         self.names = names
-        setattr(self, names[0], torch.nn.ModuleList([torch.nn.Linear(4, 6), torch.nn.Linear(6, 5)]))
-        setattr(self, names[1], torch.nn.Linear(5, 3))
+        a, b, c, d = sizes
+        setattr(self, names[0], torch.nn.ModuleList([torch.nn.Linear(a, b), torch.nn.Linear(b, c)]))
+        setattr(self, names[1], torch.nn.Linear(c, d))
 
     def forward(self, x):
         for layer in getattr(self, self.names[0]):
@@ -48,9 +55,9 @@ class TorchNet(torch.nn.Module):
         return getattr(self, self.names[1])(x)
 
 
-def _torch_copy(net: Net, names=("layers", "head")) -> TorchNet:
+def _torch_copy(net: Net, names=("layers", "head"), sizes=SIZES) -> TorchNet:
     """A torch model with the Equinox model's (base) weights."""
-    tnet = TorchNet(names)
+    tnet = TorchNet(names, sizes)
     base = lora.materialise(lora.unloraify(net)[0])
     pairs = [(getattr(tnet, names[0])[i], base.layers[i]) for i in range(2)]
     pairs.append((getattr(tnet, names[1]), base.head))
@@ -58,35 +65,54 @@ def _torch_copy(net: Net, names=("layers", "head")) -> TorchNet:
         for t, e in pairs:
             t.weight.copy_(torch.tensor(np.array(e.weight)))
             t.bias.copy_(torch.tensor(np.array(e.bias)))
-    return tnet
+    return tnet.eval()
 
 
-def _dense_forward(model, x):
-    """The adapted Equinox model written plainly: every weight w + s·a@b."""
+def _f64(x) -> np.ndarray:
+    return np.asarray(x, np.float64)
 
+
+def dense_weight(w) -> np.ndarray:
+    """An adapted weight written plainly from its method's formula, in float64."""
+    if not lora.is_adapter(w):
+        return _f64(w)
+    base, s = _f64(w._w), float(w.scaling)
+    if isinstance(w, lora.LoraArray):
+        return base + s * _f64(w.a) @ _f64(w.b)
+    if isinstance(w, lora.DoraArray):
+        v = base + s * _f64(w.a) @ _f64(w.b)
+        return _f64(w.m)[:, None] * v / np.linalg.norm(v, axis=1, keepdims=True)
+    if isinstance(w, lora.LokrArray):
+        w1 = _f64(w.w1) if w.w1 is not None else _f64(w.w1_a) @ _f64(w.w1_b)
+        w2 = _f64(w.w2) if w.w2 is not None else _f64(w.w2_a) @ _f64(w.w2_b)
+        return base + s * np.kron(w1, w2)
+    if isinstance(w, lora.LohaArray):
+        return base + s * (_f64(w.w1a) @ _f64(w.w1b)) * (_f64(w.w2a) @ _f64(w.w2b))
+    raise TypeError(type(w))
+
+
+def _dense_forward(model, xs):
     def lin(layer, x):
-        w = layer.weight
-        if lora.is_adapter(w):
-            w = dense_lora(w._w, w.a, w.b, w.scaling)
-        return w @ x + layer.bias
+        return x @ dense_weight(layer.weight).T + _f64(layer.bias)
 
+    x = _f64(xs)
     for layer in model.layers:
-        x = jnp.tanh(lin(layer, x))
+        x = np.tanh(lin(layer, x))
     return lin(model.head, x)
 
 
-def _inputs(key, n=5):
-    return np.array(jr.normal(key, (n, 4)))
+def _inputs(key, n=5, dim=SIZES[0]):
+    return np.array(jr.normal(key, (n, dim)))
 
 
 def _torch_out(tmodel, xs):
     with torch.no_grad():
-        return tmodel(torch.tensor(np.array(xs))).numpy()
+        return tmodel(torch.tensor(np.array(xs, np.float32))).numpy()
 
 
 def _eqx_out(model, xs):
     f = eqx.filter_jit(eqx.filter_vmap(lambda m, x: quax.quaxify(m)(x), in_axes=(None, 0)))
-    return np.asarray(f(model, jnp.asarray(xs)))
+    return np.asarray(f(model, jnp.asarray(xs, jnp.float32)))
 
 
 def _bump_biases(model, key, which="all"):
@@ -99,6 +125,19 @@ def _bump_biases(model, key, which="all"):
     return eqx.tree_at(get, model, tuple(jr.normal(k, b.shape) for k, b in zip(keys, get(model))))
 
 
+def _assert_same_adapters(got, want):
+    """Every saved field and the scaling of every adapter, bitwise."""
+    for g, w in [(got.layers[0].weight, want.layers[0].weight), (got.layers[1].weight, want.layers[1].weight), (got.head.weight, want.head.weight)]:
+        assert type(g) is type(w)
+        if not lora.is_adapter(w):
+            continue
+        assert saved_fields(g) == saved_fields(w)
+        for f in saved_fields(w):
+            x, y = np.asarray(getattr(g, f)), np.asarray(getattr(w, f))
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f
+
+
+TWO = ["layers.0", "layers.1"]
 EXPORT_CASES = {
     "quax_scaling": dict(loraify=dict(rank=2), save=dict()),
     "alpha": dict(loraify=dict(rank=3, alpha=5.0), save=dict()),
@@ -108,10 +147,30 @@ EXPORT_CASES = {
         loraify=dict(rank=2, alpha=4.0, rank_pattern={"layers.1": 3}, alpha_pattern={"head": 7.0}),
         save=dict(),
     ),
-    "bias_lora_only": dict(loraify=dict(rank=2, where=["layers.0", "layers.1"]), save=dict(train_bias="lora_only"), bias="layers"),
-    "bias_all": dict(loraify=dict(rank=2, where=["layers.0", "layers.1"]), save=dict(train_bias="all"), bias="all"),
-    "modules_to_save": dict(loraify=dict(rank=2, where=["layers.0", "layers.1"]), save=dict(trainable=["head"]), bias="head"),
+    "bias_lora_only": dict(loraify=dict(rank=2, where=TWO), save=dict(train_bias="lora_only"), bias="layers"),
+    "bias_all": dict(loraify=dict(rank=2, where=TWO), save=dict(train_bias="all"), bias="all"),
+    "modules_to_save": dict(loraify=dict(rank=2, where=TWO), save=dict(trainable=["head"]), bias="head"),
+    "dora": dict(loraify=dict(method="dora", rank=2, alpha=4.0), save=dict()),
+    "dora_rslora_patterns": dict(
+        loraify=dict(method="dora", rank=2, alpha=3.0, rslora=True, rank_pattern={"head": 3}),
+        save=dict(rslora=True),
+    ),
+    "dora_bias": dict(loraify=dict(method="dora", rank=2, where=TWO), save=dict(train_bias="lora_only"), bias="layers"),
+    "lokr": dict(loraify=dict(method="lokr", rank=2, alpha=4.0, init_weights=False), save=dict()),
+    "lokr_decompose_both": dict(loraify=dict(method="lokr", rank=1, decompose_both=True, where=TWO), save=dict()),
+    "lokr_factor": dict(loraify=dict(method="lokr", rank=2, alpha=3.0, decompose_factor=2, where=TWO), save=dict()),
+    "lokr_patterns": dict(
+        loraify=dict(method="lokr", rank=1, alpha=2.0, rank_pattern={"layers.1": 4}, alpha_pattern={"head": 5.0}),
+        save=dict(),
+    ),
+    "loha": dict(loraify=dict(method="loha", rank=2, alpha=3.0), save=dict()),
+    "loha_modules_to_save": dict(
+        loraify=dict(method="loha", rank=3, rank_pattern={"layers.1": 1}, where=TWO),
+        save=dict(trainable=["head"]),
+        bias="head",
+    ),
 }
+PEFT_TYPE = {"dora": "LORA", "lokr": "LOKR", "loha": "LOHA"}
 
 
 @pytest.mark.parametrize("case", list(EXPORT_CASES), ids=list(EXPORT_CASES))
@@ -124,18 +183,18 @@ def test_lora_jax_to_peft(tmp_path, getkey, case):
         model = _bump_biases(model, getkey(), spec["bias"])
     lora.save_peft(tmp_path, model, **spec["save"])
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["use_dora"] is False
-    pmodel = peft.PeftModel.from_pretrained(tbase, str(tmp_path))
+    method = spec["loraify"].get("method", "lora")
+    assert config["peft_type"] == PEFT_TYPE.get(method, "LORA")
+    if config["peft_type"] == "LORA":
+        assert config["use_dora"] is (method == "dora")
+    pmodel = peft.PeftModel.from_pretrained(tbase, str(tmp_path)).eval()
     xs = _inputs(getkey())
-    want = np.stack([np.asarray(_dense_forward(model, jnp.asarray(x))) for x in xs])
+    want = _dense_forward(model, xs)
     assert np.allclose(_eqx_out(model, xs), want, atol=1e-5)
     assert np.allclose(_torch_out(pmodel, xs), want, atol=1e-5)
-    # ...and PEFT's file loads back into the same factors and scalings, bitwise.
+    # ...and PEFT's file loads back into the same adapters, bitwise.
     back = lora.load_peft(tmp_path, base if not spec.get("bias") else _bump_biases(base, getkey()))
-    for i in range(2):
-        got, exp = back.layers[i].weight, model.layers[i].weight
-        assert np.array_equal(got.a, exp.a) and np.array_equal(got.b, exp.b)
-        assert np.asarray(got.scaling).tobytes() == np.asarray(exp.scaling).tobytes()
+    _assert_same_adapters(back, model)
     if spec.get("bias"):
         for got, exp in [(back.layers[0].bias, model.layers[0].bias), (back.head.bias, model.head.bias)]:
             if spec["bias"] == "all" or (spec["bias"] == "layers") == (got is back.layers[0].bias):
@@ -164,70 +223,282 @@ def test_name_map(tmp_path, getkey, as_callable):
     lora.save_peft(tmp_path, model, name_map=name_map)
     pmodel = peft.PeftModel.from_pretrained(tbase, str(tmp_path))
     xs = _inputs(getkey())
-    assert np.allclose(_torch_out(pmodel, xs), _eqx_out(model, xs), atol=1e-5)
+    assert np.allclose(_torch_out(pmodel, xs), _dense_forward(model, xs), atol=1e-5)
     back = lora.load_peft(tmp_path, base, name_map=name_map)
-    assert np.allclose(_eqx_out(back, xs), _eqx_out(model, xs), atol=1e-6)
+    _assert_same_adapters(back, model)
     with pytest.raises(ValueError, match=r"module 'blocks\.0'.*`model` does not have"):
         lora.load_peft(tmp_path, base)
 
 
+ALL = ["layers.0", "layers.1", "head"]
 IMPORT_CASES = {
-    "lora": dict(r=2, lora_alpha=4, target_modules=["layers.0", "layers.1", "head"]),
-    "rslora": dict(r=4, lora_alpha=3, use_rslora=True, target_modules=["layers.0", "head"]),
-    "patterns": dict(
-        r=2, lora_alpha=4, target_modules=["layers.0", "layers.1", "head"],
-        rank_pattern={"layers.1": 3}, alpha_pattern={"head": 9},
+    "lora": ("LoraConfig", dict(r=2, lora_alpha=4, target_modules=ALL)),
+    "rslora": ("LoraConfig", dict(r=4, lora_alpha=3, use_rslora=True, target_modules=["layers.0", "head"])),
+    "patterns": (
+        "LoraConfig",
+        dict(r=2, lora_alpha=4, target_modules=ALL, rank_pattern={"layers.1": 3}, alpha_pattern={"head": 9}),
     ),
-    "regex_targets": dict(r=2, lora_alpha=2, target_modules=r"layers\.\d"),
-    "bias_lora_only": dict(r=2, lora_alpha=4, target_modules=["layers.0"], bias="lora_only"),
-    "bias_all": dict(r=2, lora_alpha=4, target_modules=["layers.0"], bias="all"),
-    "modules_to_save": dict(r=2, lora_alpha=4, target_modules=["layers.0", "layers.1"], modules_to_save=["head"]),
+    "regex_targets": ("LoraConfig", dict(r=2, lora_alpha=2, target_modules=r"layers\.\d")),
+    "bias_lora_only": ("LoraConfig", dict(r=2, lora_alpha=4, target_modules=["layers.0"], bias="lora_only")),
+    "bias_all": ("LoraConfig", dict(r=2, lora_alpha=4, target_modules=["layers.0"], bias="all")),
+    "modules_to_save": ("LoraConfig", dict(r=2, lora_alpha=4, target_modules=TWO, modules_to_save=["head"])),
+    "dora": ("LoraConfig", dict(r=2, lora_alpha=4, use_dora=True, target_modules=ALL)),
+    "dora_rslora_pattern": (
+        "LoraConfig",
+        dict(r=2, lora_alpha=3, use_dora=True, use_rslora=True, target_modules=ALL, rank_pattern={"head": 1}),
+    ),
+    "lokr": ("LoKrConfig", dict(r=2, alpha=4, target_modules=ALL)),
+    "lokr_decompose_both": ("LoKrConfig", dict(r=1, alpha=3, decompose_both=True, target_modules=ALL)),
+    "lokr_factor_patterns": (
+        "LoKrConfig",
+        dict(r=2, alpha=2, decompose_factor=2, target_modules=ALL, rank_pattern={"layers.1": 1}, alpha_pattern={"head": 7}),
+    ),
+    "loha": ("LoHaConfig", dict(r=2, alpha=3, target_modules=ALL)),
+    "loha_patterns_modules_to_save": (
+        "LoHaConfig",
+        dict(r=3, alpha=2, target_modules=TWO, rank_pattern={"layers.0": 1}, modules_to_save=["head"]),
+    ),
 }
+ADAPTER_TYPES = {
+    "LoraConfig": lora.LoraArray,
+    "LoKrConfig": lora.LokrArray,
+    "LoHaConfig": lora.LohaArray,
+}
+
+
+def _randomise_torch(pmodel, scale=0.5):
+    """Every trainable parameter random (PEFT's init makes most adapters no-ops)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, p in pmodel.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * scale)
+    return pmodel.eval()
+
+
+def _module(model, name):
+    for part in name.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
 
 
 @pytest.mark.parametrize("case", list(IMPORT_CASES), ids=list(IMPORT_CASES))
 def test_peft_to_lora_jax(tmp_path, getkey, case):
-    torch.manual_seed(0)
+    cls, kwargs = IMPORT_CASES[case]
     base = Net(getkey())
-    pmodel = peft.get_peft_model(_torch_copy(base), peft.LoraConfig(**IMPORT_CASES[case]))
-    with torch.no_grad():
-        for name, p in pmodel.named_parameters():
-            if p.requires_grad:  # lora_B is zero at init: make the adapter do something
-                p.copy_(torch.randn_like(p) * 0.5)
+    pmodel = _randomise_torch(peft.get_peft_model(_torch_copy(base), getattr(peft, cls)(**kwargs)))
     pmodel.save_pretrained(str(tmp_path))
     model = lora.load_peft(tmp_path, base)
     xs = _inputs(getkey())
     want = _torch_out(pmodel, xs)
     assert np.allclose(_eqx_out(model, xs), want, atol=1e-5)
-    assert np.allclose(np.stack([_dense_forward(model, jnp.asarray(x)) for x in xs]), want, atol=1e-5)
-    # The scaling is PEFT's, layer by layer.
+    assert np.allclose(_dense_forward(model, xs), want, atol=1e-5)
+    # Each adapted layer is the method's value with PEFT's scaling.
+    expected = lora.DoraArray if kwargs.get("use_dora") else ADAPTER_TYPES[cls]
+    seen = 0
     for name, module in pmodel.base_model.model.named_modules():
-        if isinstance(module, peft.tuners.lora.LoraLayer):
-            ours = model
-            for part in name.split("."):
-                ours = ours[int(part)] if part.isdigit() else getattr(ours, part)
-            assert math.isclose(float(ours.weight.scaling), module.scaling["default"], rel_tol=1e-6)
+        if isinstance(module, (peft.tuners.lora.LoraLayer, peft.tuners.lycoris_utils.LycorisLayer)):
+            ours = _module(model, name).weight
+            assert type(ours) is expected
+            assert ours.rank == module.r["default"]
+            assert math.isclose(float(ours.scaling), module.scaling["default"], rel_tol=1e-6)
+            seen += 1
+    assert seen > 0
 
 
 def test_load_into_adapted_model_replaces_factors(tmp_path, getkey):
     base = Net(getkey())
     pmodel = peft.get_peft_model(_torch_copy(base), peft.LoraConfig(r=2, target_modules=["layers.0"]))
-    with torch.no_grad():
-        for p in pmodel.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn_like(p))
-    pmodel.save_pretrained(str(tmp_path))
+    _randomise_torch(pmodel, 1.0).save_pretrained(str(tmp_path))
     adapted = lora.loraify(base, rank=2, key=getkey(), where=["layers.0"], allow_materialise=True)
     model = lora.load_peft(tmp_path, adapted)
     assert model.layers[0].weight.allow_materialise
     xs = _inputs(getkey())
-    assert np.allclose(_eqx_out(model, xs), _torch_out(pmodel, xs), atol=1e-5)
+    assert np.allclose(_dense_forward(model, xs), _torch_out(pmodel, xs), atol=1e-5)
+    # A model adapted with another method there: PEFT's method wins, the flags stay.
+    other = lora.loraify(base, rank=2, key=getkey(), where=["layers.0"], method="loha", allow_materialise=True)
+    model = lora.load_peft(tmp_path, other)
+    assert type(model.layers[0].weight) is lora.LoraArray and model.layers[0].weight.allow_materialise
+    assert np.allclose(_dense_forward(model, xs), _torch_out(pmodel, xs), atol=1e-5)
 
 
-def _write_config(tmp_path, **changes):
+# Parameter counts and tensor layouts against PEFT's own, for LoKr and LoHa
+# configurations that exercise its rules for when each factor is decomposed.
+WIDE = (16, 24, 36, 10)
+COUNT_CASES = {
+    "lokr_r2": ("LoKrConfig", dict(r=2), dict(method="lokr", rank=2)),
+    "lokr_r8_full": ("LoKrConfig", dict(r=8), dict(method="lokr", rank=8)),
+    "lokr_decompose_both": ("LoKrConfig", dict(r=1, decompose_both=True), dict(method="lokr", rank=1, decompose_both=True)),
+    "lokr_factor_4": ("LoKrConfig", dict(r=2, decompose_factor=4), dict(method="lokr", rank=2, decompose_factor=4)),
+    "lokr_factor_5_nondividing": ("LoKrConfig", dict(r=3, decompose_factor=5), dict(method="lokr", rank=3, decompose_factor=5)),
+    "lokr_both_factor_8": (
+        "LoKrConfig",
+        dict(r=1, decompose_both=True, decompose_factor=8),
+        dict(method="lokr", rank=1, decompose_both=True, decompose_factor=8),
+    ),
+    "lokr_rank_pattern": ("LoKrConfig", dict(r=1, rank_pattern={"head": 6}), dict(method="lokr", rank=1, rank_pattern={"head": 6})),
+    "loha_r2": ("LoHaConfig", dict(r=2), dict(method="loha", rank=2)),
+    "loha_r5_pattern": ("LoHaConfig", dict(r=5, rank_pattern={"layers.0": 2}), dict(method="loha", rank=5, rank_pattern={"layers.0": 2})),
+}
+
+
+@pytest.mark.parametrize("case", list(COUNT_CASES), ids=list(COUNT_CASES))
+def test_counts_and_layout_match_peft(tmp_path, getkey, case):
+    from safetensors.numpy import load_file
+
+    cls, pkw, okw = COUNT_CASES[case]
+    base = Net(getkey(), WIDE)
+    pmodel = peft.get_peft_model(_torch_copy(base, sizes=WIDE), getattr(peft, cls)(target_modules=ALL, **pkw))
+    peft_trainable = sum(p.numel() for p in pmodel.parameters() if p.requires_grad)
+    model = lora.loraify(base, key=getkey(), where=ALL, **okw)
+    assert lora.summary(model).trainable == peft_trainable
+    pmodel.save_pretrained(str(tmp_path / "peft"))
+    lora.save_peft(tmp_path / "ours", model)
+    theirs = {k: v.shape for k, v in load_file(str(tmp_path / "peft" / "adapter_model.safetensors")).items()}
+    ours = {k: v.shape for k, v in load_file(str(tmp_path / "ours" / "adapter_model.safetensors")).items()}
+    assert ours == theirs
+
+
+# Stacked layers: one weight (L, out, in) run with `lax.scan`, saved as PEFT's
+# `layers.0`, `layers.1`, ... through a name template.
+
+L = 3
+
+
+class Stacked(eqx.Module):
+    blocks: eqx.nn.Linear
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jr.split(key)
+        self.blocks = eqx.filter_vmap(lambda k: eqx.nn.Linear(4, 4, key=k))(jr.split(k1, L))
+        self.head = eqx.nn.Linear(4, 2, key=k2)
+
+    def __call__(self, x):
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+        step = lambda x, p: (jnp.tanh(eqx.combine(p, static)(x)), None)
+        return self.head(lax.scan(step, x, params)[0])
+
+
+class TorchStacked(torch.nn.Module):
+    def __init__(self, net: Stacked):
+        super().__init__()
+        base = lora.materialise(lora.unloraify(net)[0])
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(L)])
+        self.out = torch.nn.Linear(4, 2)
+        with torch.no_grad():
+            for i, t in enumerate(self.layers):
+                t.weight.copy_(torch.tensor(np.array(base.blocks.weight[i])))
+                t.bias.copy_(torch.tensor(np.array(base.blocks.bias[i])))
+            self.out.weight.copy_(torch.tensor(np.array(base.head.weight)))
+            self.out.bias.copy_(torch.tensor(np.array(base.head.bias)))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.out(x)
+
+
+def _stacked_dense(model, xs):
+    w = model.blocks.weight
+    x = _f64(xs)
+    for i in range(L):
+        one = jtu_slice(w, i)
+        x = np.tanh(x @ dense_weight(one).T + _f64(model.blocks.bias[i]))
+    return x @ dense_weight(model.head.weight).T + _f64(model.head.bias)
+
+
+def jtu_slice(w, i):
+    """Layer `i` of a stacked adapter (every leaf with the stacking axis sliced)."""
+    if not lora.is_adapter(w):
+        return w[i]
+    fields = [f for f in (*saved_fields(w), "_w")]
+    return eqx.tree_at(lambda v: tuple(getattr(v, f) for f in fields), w, tuple(getattr(w, f)[i] for f in fields))
+
+
+def _stack_map(name):
+    """Our `blocks` (stacked) are torch's `layers.0`, `layers.1`, ...; `head` is `out`."""
+    return "out" if name == "head" else name.replace("blocks", "layers.{i}", 1)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "loha"])
+def test_stacked_layers_both_ways(tmp_path, getkey, method):
+    base = Stacked(getkey())
+    model = randomise_model(lora.loraify(base, rank=2, alpha=3.0, key=getkey(), method=method, where=["blocks"]), getkey())
+    train_bias = "none" if method == "loha" else "lora_only"  # PEFT's LoHa has no `bias`
+    if train_bias != "none":
+        model = eqx.tree_at(lambda m: m.blocks.bias, model, jr.normal(getkey(), (L, 4)))
+    lora.save_peft(tmp_path, model, name_map=_stack_map, train_bias=train_bias)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == [f"layers.{i}" for i in range(L)]
+    pmodel = peft.PeftModel.from_pretrained(TorchStacked(base).eval(), str(tmp_path)).eval()
+    xs = _inputs(getkey(), dim=4)
+    assert np.allclose(_torch_out(pmodel, xs), _stacked_dense(model, xs), atol=1e-5)
+    back = lora.load_peft(tmp_path, base, name_map=_stack_map)
+    for f in (*saved_fields(model.blocks.weight), "_w"):
+        assert np.asarray(getattr(back.blocks.weight, f)).tobytes() == np.asarray(getattr(model.blocks.weight, f)).tobytes()
+    if method != "loha":
+        assert np.array_equal(back.blocks.bias, model.blocks.bias)
+    # A PEFT adapter trained layer by layer loads into the stack; the scanned model agrees.
+    _randomise_torch(pmodel).save_pretrained(str(tmp_path / "trained"))
+    trained = lora.load_peft(tmp_path / "trained", base, name_map=_stack_map)
+    assert trained.blocks.weight.scaling.shape == (L,)
+    out = eqx.filter_jit(eqx.filter_vmap(lambda m, x: quax.quaxify(m)(x), in_axes=(None, 0)))(trained, jnp.asarray(xs, jnp.float32))
+    assert np.allclose(np.asarray(out), _torch_out(pmodel, xs), atol=1e-5)
+
+
+def test_stacked_errors(tmp_path, getkey):
+    base = Stacked(getkey())
+    model = lora.loraify(base, rank=2, key=getkey(), where=["blocks"])
+    with pytest.raises(ValueError, match=r"'blocks\.weight' is stacked.*\{i\} in `name_map`.*save_adapter"):
+        lora.save_peft(tmp_path, model)
+    both = lora.loraify(base, rank=2, key=getkey(), where=["blocks", "head"])
+    with pytest.raises(ValueError, match=r"'head\.weight', but that adapter is not stacked; \{i\} is only for"):
+        lora.save_peft(tmp_path, both, name_map=lambda n: "x.{i}" if n == "head" else _stack_map(n))
+    # A PEFT adapter for only some of the stacked layers cannot fill the stack.
+    pmodel = peft.get_peft_model(TorchStacked(base), peft.LoraConfig(r=2, target_modules=["layers.0", "layers.2"]))
+    pmodel.save_pretrained(str(tmp_path / "partial"))
+    with pytest.raises(ValueError, match=r"layers \[0, 2\] of a stack of 3"):
+        lora.load_peft(tmp_path / "partial", base, name_map=_stack_map)
+    with pytest.raises(ValueError, match=r"module 'layers\.0', which `model` does not have"):
+        lora.load_peft(tmp_path / "partial", base)
+    lokr = peft.get_peft_model(TorchStacked(base), peft.LoKrConfig(r=2, target_modules=[f"layers.{i}" for i in range(L)]))
+    lokr.save_pretrained(str(tmp_path / "lokr"))
+    with pytest.raises(ValueError, match="into the stacked 'blocks': LoKr adapters hold one matrix each"):
+        lora.load_peft(tmp_path / "lokr", base, name_map=_stack_map)
+
+
+def test_one_adapter_of_many(tmp_path, getkey):
+    base = Net(getkey())
+    en = randomise_model(lora.loraify(base, rank=2, key=getkey()), getkey())
+    fr = randomise_model(lora.loraify(base, rank=3, alpha=6.0, key=getkey()), getkey())
+    both = lora.stack_adapters({"en": en, "fr": fr})
+    with pytest.raises(ValueError, match=r"several stacked adapters \['en', 'fr'\].*`adapter=`"):
+        lora.save_peft(tmp_path, both)
+    with pytest.raises(ValueError, match=r"`adapter` 'de' is not an adapter of `model`"):
+        lora.save_peft(tmp_path, both, adapter="de")
+    lora.save_peft(tmp_path / "fr", both, adapter="fr")
+    pmodel = peft.PeftModel.from_pretrained(_torch_copy(base), str(tmp_path / "fr")).eval()
+    xs = _inputs(getkey())
+    assert np.allclose(_torch_out(pmodel, xs), _dense_forward(fr, xs), atol=1e-5)
+    # Hot-swap a PEFT adapter into the stack: a new name is added, an old one replaced.
+    de = _randomise_torch(peft.get_peft_model(_torch_copy(base), peft.LoraConfig(r=2, lora_alpha=5, target_modules=ALL)))
+    de.save_pretrained(str(tmp_path / "de"))
+    three = lora.load_peft(tmp_path / "de", both, adapter="de")
+    assert lora.adapter_names(three) == ("en", "fr", "de")
+    assert np.allclose(_eqx_out(lora.set_adapter(three, "de"), xs), _torch_out(de, xs), atol=1e-5)
+    assert np.allclose(_eqx_out(three, xs), _dense_forward(en, xs), atol=1e-5)  # "en" still active
+    swapped = lora.load_peft(tmp_path / "de", both, adapter="en")
+    assert lora.adapter_names(swapped) == ("en", "fr")
+    assert np.allclose(_eqx_out(swapped, xs), _torch_out(de, xs), atol=1e-5)
+    with pytest.raises(ValueError, match="pass `adapter=`"):
+        lora.load_peft(tmp_path / "de", both)
+
+
+def _write_config(path, **changes):
+    config = json.loads((path / "adapter_config.json").read_text())
     config.update(changes)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    (path / "adapter_config.json").write_text(json.dumps(config))
 
 
 def test_errors(tmp_path, getkey):
@@ -236,25 +507,127 @@ def test_errors(tmp_path, getkey):
         lora.load_peft(tmp_path / "nope", base)
     with pytest.raises(ValueError, match="no adapters to save"):
         lora.save_peft(tmp_path, base)
+    assert not (tmp_path / "adapter_config.json").exists()
     lora.save_peft(tmp_path, lora.loraify(base, rank=2, key=getkey()))
     _write_config(tmp_path, peft_type="IA3")
-    with pytest.raises(ValueError, match="peft_type 'IA3'.*supported: LORA"):
+    with pytest.raises(ValueError, match="peft_type 'IA3'.*supported: LOHA, LOKR, LORA"):
         lora.load_peft(tmp_path, base)
     _write_config(tmp_path, peft_type="LORA", use_dora=True)
-    with pytest.raises(ValueError, match=r"use_dora=True.*not support"):
+    with pytest.raises(ValueError, match=r"lacks base_model\.model\.head\.lora_magnitude_vector"):
         lora.load_peft(tmp_path, base)
     _write_config(tmp_path, use_dora=False, lora_bias=True)
     with pytest.raises(ValueError, match="`lora_bias=True`"):
         lora.load_peft(tmp_path, base)
-    _write_config(tmp_path, lora_bias=False, rank_pattern={"head": 5})
+    _write_config(tmp_path, lora_bias=False, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="`init_lora_weights='pissa'`.*only True, False, 'gaussian'"):
+        lora.load_peft(tmp_path, base)
+    _write_config(tmp_path, init_lora_weights=True, use_velora=True)
+    with pytest.raises(ValueError, match="`use_velora=True`, a key PEFT's LORA config does not have"):
+        lora.load_peft(tmp_path, base)
+    _write_config(tmp_path, use_velora=None, some_future_option=None, r=0)  # empty unknown keys are fine
+    with pytest.raises(ValueError, match="`r=0`; it must be a positive integer"):
+        lora.load_peft(tmp_path, base)
+    _write_config(tmp_path, r=2, lora_dropout=1.5)
+    with pytest.raises(ValueError, match=r"`lora_dropout=1\.5`; it must be a number in \[0, 1\)"):
+        lora.load_peft(tmp_path, base)
+    _write_config(tmp_path, lora_dropout=0.0, rank_pattern={"(": 2})
+    with pytest.raises(ValueError, match="`rank_pattern="):
+        lora.load_peft(tmp_path, base)
+    _write_config(tmp_path, rank_pattern={"head": 5})
     with pytest.raises(ValueError, match="module 'head' has rank 2, but adapter_config.json says 5"):
         lora.load_peft(tmp_path, base)
     small = eqx.tree_at(lambda m: m.layers, base, [base.layers[0]])
     _write_config(tmp_path, rank_pattern={})
     with pytest.raises(ValueError, match=r"module 'layers\.1', which `model` does not have"):
         lora.load_peft(tmp_path, small)
+    wrong = Net(getkey(), (4, 6, 7, 3))
+    with pytest.raises(ValueError, match=r"head\.lora_A\.weight has shape \(2, 8\), but a \(3, 7\) weight at rank 2 needs \(2, 7\)"):
+        lora.load_peft(tmp_path, wrong)
     with pytest.raises(ValueError, match="one-to-one"):
         lora.load_peft(tmp_path, base, name_map=lambda n: "x")
+    with pytest.raises(TypeError, match="`dtype` must be a floating dtype"):
+        lora.load_peft(tmp_path, base, dtype=jnp.int32)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOKR", "r": 2, "alpha": 2}))
+    with pytest.raises(ValueError, match=r"'base_model\.model\.head\.lora_A\.weight'.* belongs to a lora adapter, but adapter_config.json describes a lokr"):
+        lora.load_peft(tmp_path, base)
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="adapter_config.json' is not valid JSON"):
         lora.load_peft(tmp_path, base)
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="does not hold a JSON object"):
+        lora.load_peft(tmp_path, base)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(ValueError, match="adapter_model.safetensors' is not a valid safetensors file"):
+        lora.load_peft(tmp_path, base)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="adapter_model.bin \\(a pickle\\), which lora_jax never loads"):
+        lora.load_peft(tmp_path, base)
+    (tmp_path / "adapter_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="has no adapter_model.safetensors"):
+        lora.load_peft(tmp_path, base)
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        lora.load_peft(tmp_path, base)
+
+
+def test_lokr_structure_mismatch(tmp_path, getkey):
+    """A LoKr file whose factors PEFT would not build under its config (`w1` whole
+    where `decompose_both` asks for `w1_a @ w1_b`) is refused, naming the tensor."""
+    base = Net(getkey(), WIDE)
+    lora.save_peft(tmp_path, lora.loraify(base, rank=1, method="lokr", key=getkey(), where=ALL))
+    _write_config(tmp_path, decompose_both=True)
+    with pytest.raises(ValueError, match=r"lacks base_model\.model\.head\.lokr_w1_a"):
+        lora.load_peft(tmp_path, base)
+
+
+def test_save_refusals(tmp_path, getkey):
+    base = Net(getkey())
+    lokr = lora.loraify(base, rank=2, method="lokr", key=getkey())
+    with pytest.raises(ValueError, match="LOKR config has no `bias` option"):
+        lora.save_peft(tmp_path, lokr, train_bias="lora_only")
+    with pytest.raises(ValueError, match="`rslora=True` applies to LoRA and DoRA, not 'lokr'"):
+        lora.save_peft(tmp_path, lokr, rslora=True)
+    mixed = lora.loraify(lora.loraify(base, rank=2, key=getkey(), where=["head"]), rank=2, method="loha", key=getkey(), where=TWO)
+    with pytest.raises(ValueError, match="mixes"):
+        lora.save_peft(tmp_path, mixed)
+    # LoKr layers adapted with different options: no one PEFT config builds them all.
+    one = lora.loraify(Net(getkey(), WIDE), rank=1, method="lokr", key=getkey(), where=["layers.0"], decompose_both=True)
+    two = lora.loraify(one, rank=1, method="lokr", key=getkey(), where=["layers.1"])
+    with pytest.raises(ValueError, match="cannot be described by one PEFT LoKrConfig"):
+        lora.save_peft(tmp_path, two)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_load_onto_quantised_base(tmp_path, getkey, method):
+    """QLoRA's workflow: a PEFT adapter onto an int8 base; the result equals the adapter
+    on the dequantised base."""
+    base = Net(getkey())
+    lora.save_peft(tmp_path, randomise_model(lora.loraify(base, rank=2, method=method, key=getkey()), getkey()))
+    quantised = lora.quantise(base, method="int8")
+    model = lora.load_peft(tmp_path, quantised)
+    assert type(model.layers[0].weight._w).__name__ == "Int8Array"
+    xs = _inputs(getkey())
+    want = _dense_forward(lora.load_peft(tmp_path, lora.materialise(quantised)), xs)
+    assert np.allclose(_eqx_out(model, xs), want, atol=1e-5)
+
+
+def test_put_into_stack_errors(tmp_path, getkey):
+    base = Net(getkey())
+    both = lora.stack_adapters({
+        "en": lora.loraify(base, rank=2, key=getkey()),
+        "fr": lora.loraify(base, rank=2, key=getkey()),
+    })
+    lora.save_peft(tmp_path / "two", lora.loraify(base, rank=2, key=getkey(), where=TWO))
+    with pytest.raises(ValueError, match=r"adapts \['layers\.0', 'layers\.1'\], but `model`'s stacked adapters are at \['head', 'layers\.0', 'layers\.1'\]"):
+        lora.load_peft(tmp_path / "two", both, adapter="de")
+    lora.save_peft(tmp_path / "bias", lora.loraify(base, rank=2, key=getkey()), train_bias="all")
+    with pytest.raises(ValueError, match="stacked adapters cannot hold per adapter"):
+        lora.load_peft(tmp_path / "bias", both, adapter="de")
+    lora.save_peft(tmp_path / "dora", lora.loraify(base, rank=2, method="dora", key=getkey()))
+    with pytest.raises(ValueError, match="holds a 'dora' adapter; stacked adapters are LoRA only"):
+        lora.load_peft(tmp_path / "dora", both, adapter="de")
+    with pytest.raises(ValueError, match="but `model` has none"):
+        lora.load_peft(tmp_path / "two", base, adapter="de")
