@@ -28,6 +28,39 @@ class AbstractAdapter(quax.ArrayValue):
     `frozen_fields` names the fields holding the (frozen) base weight. Every other array
     leaf (the scaling, for example) is a hyperparameter: never trained, never counted as
     a parameter.
+
+    !!! Example
+
+        A new method in a few lines: a trainable diagonal update `w + diag(d)`. Without
+        its own `dot_general`, a product materialises `w + Δ` (which the adapter must
+        allow); override the hooks to compute it factored instead.
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import jax.random as jr
+        import quax
+        import lora_jax as lora
+
+
+        class DiagArray(lora.AbstractAdapter):
+            _w: jax.Array
+            d: jax.Array
+            stop_gradient: bool = eqx.field(static=True, default=True)
+            allow_materialise: bool = eqx.field(static=True, default=True)
+
+            trainable_fields = ("d",)
+
+            def delta(self):
+                return jnp.diag(self.d)
+
+
+        w = jr.normal(jr.key(0), (3, 3))
+        dw = DiagArray(w, jnp.full(3, 0.5))
+        x = jnp.ones(3)
+        assert jnp.allclose(quax.quaxify(jnp.matmul)(dw, x), (w + 0.5 * jnp.eye(3)) @ x)
+        ```
     """
 
     _w: eqx.AbstractVar[Shaped[Array, "*batch out in"]]
@@ -107,7 +140,31 @@ def _merge(w, delta):
 
 
 def is_adapter(x) -> bool:
-    """Whether `x` is an adapter value (a [`lora_jax.LoraArray`][] or another method's)."""
+    """Whether `x` is an adapter value (a [`lora_jax.LoraArray`][] or another method's).
+
+    **Arguments:**
+
+    - `x`: anything.
+
+    **Returns:**
+
+    `True` for an instance of [`lora_jax.AbstractAdapter`][]. Useful as `is_leaf` in
+    `jax.tree_util` functions, so that an adapter is visited whole.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.random as jr
+        import lora_jax as lora
+
+        mlp = lora.loraify(eqx.nn.MLP(4, 2, 8, 1, key=jr.key(0)), rank=2, key=jr.key(1))
+        adapters = [x for x in jax.tree.leaves(mlp, is_leaf=lora.is_adapter)
+                    if lora.is_adapter(x)]
+        assert len(adapters) == 2
+        ```
+    """
     return isinstance(x, AbstractAdapter)
 
 

@@ -34,8 +34,9 @@ def with_dropout_keys(model: PyTree, key: PRNGKeyArray | None) -> PyTree:
         One key per adapter per call: an adapter applied to several inputs in one call
         draws its masks from the same key. Under `jax.vmap(quax.quaxify(model))` the
         masks are shared across the batch unless the key is vmapped too (split one key
-        per example); `quax.quaxify(jax.vmap(model))` draws independent masks for the
-        whole batch.
+        per example); with `jax.vmap` inside `quax.quaxify`
+        (`quax.quaxify(lambda m, x: jax.vmap(m)(x))(model, x)`) the adapter's rule sees
+        the whole batch and draws independent masks.
 
     !!! Example
 

@@ -51,6 +51,25 @@ def trainable_mask(
 
     The mask. The adapters' factors are `True`; base weights (quantised ones too),
     scalings and every other leaf `False`.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.random as jr
+        import optax
+        import lora_jax as lora
+
+        mlp = eqx.nn.MLP(4, 2, width_size=8, depth=1, key=jr.key(0))
+        model = lora.loraify(mlp, rank=2, key=jr.key(1), where=["layers.0"])
+        mask = lora.trainable_mask(
+            model, train_bias="lora_only", trainable=["layers.1"]
+        )
+        assert mask.layers[0].weight.a and not mask.layers[0].weight.scaling
+        assert mask.layers[0].bias and mask.layers[1].weight
+        # Or keep one optimiser over the whole model, updating only what trains:
+        optim = optax.masked(optax.adam(1e-3), mask)
+        ```
     """
     check_choice(train_bias, "train_bias", ("none", "lora_only", "all"))
     if trainable is not None:
@@ -109,8 +128,15 @@ def partition(
 ) -> tuple[PyTree, PyTree]:
     """Splits an adapted model into `(trainable, frozen)` for `eqx.combine`.
 
-    Arguments as for [`lora_jax.trainable_mask`][]. Give only `trainable` to the
-    optimiser, so that optimiser state exists only for what trains.
+    **Arguments:**
+
+    - `model`, `train_bias`, `trainable`: as for [`lora_jax.trainable_mask`][].
+
+    **Returns:**
+
+    `(trainable, frozen)`, each the structure of `model` with `None` where the other
+    holds a leaf: `eqx.partition(model, trainable_mask(model, ...))`. Give only
+    `trainable` to the optimiser, so that optimiser state exists only for what trains.
 
     !!! Example
 

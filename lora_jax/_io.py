@@ -471,6 +471,24 @@ def load_adapter(path: str | os.PathLike, model: PyTree) -> PyTree:
     is built, so a mismatch raises a ValueError naming the tensor and nothing is
     half-loaded. A missing file raises FileNotFoundError; a truncated or corrupt one
     (the data's checksum is verified), a ValueError naming the file.
+    !!! Example
+
+        ```python
+        import os, tempfile
+        import equinox as eqx
+        import jax.numpy as jnp
+        import jax.random as jr
+        import lora_jax as lora
+
+        base = eqx.nn.MLP(4, 2, 8, 1, key=jr.key(0))
+        tuned = lora.loraify(base, rank=2, key=jr.key(1), init="gaussian")
+        path = os.path.join(tempfile.mkdtemp(), "adapter.safetensors")
+        lora.save_adapter(path, tuned)
+        # Into a fresh copy, adapted at the same places (its own factors are replaced):
+        fresh = lora.loraify(base, rank=2, key=jr.key(2))
+        loaded = lora.load_adapter(path, fresh)
+        assert jnp.array_equal(loaded.layers[0].weight.b, tuned.layers[0].weight.b)
+        ```
     """
     tensors, metadata, info, _ = read_adapter_file(check_path(path, "path"))
     where = os.fspath(path)

@@ -55,7 +55,9 @@ def _kaiming(key, shape, dtype):
 class LokrArray(AbstractAdapter):
     """Low-rank Kronecker product adaptation (LoKr, PEFT's / LyCORIS') of a matrix
     `w ∈ R^{n×m}`: `w + s·(w1 ⊗ w2)`, with `w1 ∈ R^{l×p}`, `w2 ∈ R^{k×q}`, `n = l·k`,
-    `m = p·q` split by [`lora_jax.factorization`][]-style rules, and `s = alpha / r`.
+    `m = p·q` split as PEFT's `factorization` splits them (each dimension into the
+    divisor pair closest to its square root, or by `decompose_factor`), and
+    `s = alpha / r`.
 
     `w1` is held as `w1_a @ w1_b` (rank `r`) when `decompose_both` and
     `r < max(l, p) / 2`; `w2` as `w2_a @ w2_b` when `r < max(k, q) / 2`; otherwise in

@@ -141,7 +141,34 @@ def find_targets(
     layers_to_transform: int | Sequence[int] | None = None,
     layers_pattern: str | Sequence[str] | None = None,
 ) -> list[tuple[str, Any]]:
-    """The `(name, layer)` pairs `loraify` would adapt, in PyTree order."""
+    """The `(name, layer)` pairs [`lora_jax.loraify`][] would adapt, in PyTree order.
+    Nothing is adapted: use it to check a choice of layers.
+
+    **Arguments:**
+
+    - `model`: an Equinox model (a PyTree).
+    - `where`, `exclude`, `layers_to_transform`, `layers_pattern`: as for
+        [`lora_jax.loraify`][].
+
+    **Returns:**
+
+    A list of `(dotted name, layer)`. Layers already adapted are included (`loraify`
+    skips them, or refuses if `where` names them).
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.random as jr
+        import lora_jax as lora
+
+        mlp = eqx.nn.MLP(4, 2, width_size=8, depth=2, key=jr.key(0))
+        names = [name for name, _ in lora.find_targets(mlp)]
+        assert names == ["layers.0", "layers.1", "layers.2"]
+        names = [name for name, _ in lora.find_targets(mlp, where="all-linear")]
+        assert names == ["layers.0", "layers.1"]
+        ```
+    """
     candidates = [
         (path_name(p), node)
         for p, node in jtu.tree_flatten_with_path(model, is_leaf=_is_candidate)[0]
@@ -397,11 +424,29 @@ def materialise(model: PyTree) -> PyTree:
 def unloraify(model: PyTree) -> tuple[PyTree, PyTree]:
     """Splits an adapted model into its base and its adapters (ALF's `detach`).
 
+    **Arguments:**
+
+    - `model`: an adapted model.
+
     **Returns:**
 
     `(base, adapters)`: `base` is the model with every adapter replaced by its original,
     unmerged weight; `adapters` has the model's structure with `None` everywhere except
     the adapters, which keep their factors and scalings but not the base weight.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.numpy as jnp
+        import jax.random as jr
+        import lora_jax as lora
+
+        linear = eqx.nn.Linear(4, 3, key=jr.key(0))
+        base, adapters = lora.unloraify(lora.loraify(linear, rank=2, key=jr.key(1)))
+        assert jnp.array_equal(base.weight, linear.weight)
+        assert adapters.bias is None and adapters.weight.a.shape == (3, 2)
+        ```
     """
     base = jtu.tree_map(lambda x: x._w if is_adapter(x) else x, model, is_leaf=is_adapter)
     adapters = jtu.tree_map(

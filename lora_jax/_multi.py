@@ -30,6 +30,26 @@ class MultiLoraArray(AbstractAdapter):
     keeps the true ones. Products are computed factored, as one LoRA of rank `n·r`.
     Build it with [`lora_jax.stack_adapters`][]; switch with
     [`lora_jax.set_adapter`][].
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.numpy as jnp
+        import jax.random as jr
+        import quax
+        import lora_jax as lora
+
+        base = eqx.nn.Linear(4, 3, key=jr.key(0))
+        model = lora.stack_adapters({
+            "en": lora.loraify(base, rank=2, key=jr.key(1)),
+            "fr": lora.loraify(base, rank=4, key=jr.key(2)),
+        })
+        assert isinstance(model.weight, lora.MultiLoraArray)
+        assert model.weight.ranks == (2, 4)
+        off = lora.set_adapter(model, None)  # every adapter off: the base model
+        assert jnp.allclose(quax.quaxify(off)(jnp.ones(4)), base(jnp.ones(4)))
+        ```
     """
 
     _w: Shaped[Array, "*batch out in"]
@@ -201,7 +221,31 @@ def _multis(model) -> list[MultiLoraArray]:
 
 
 def adapter_names(model: PyTree) -> tuple[str, ...]:
-    """The names of the adapters stacked in `model`, in order."""
+    """The names of the adapters stacked in `model`, in order.
+
+    **Arguments:**
+
+    - `model`: a model from [`lora_jax.stack_adapters`][].
+
+    **Returns:**
+
+    A tuple of names.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.random as jr
+        import lora_jax as lora
+
+        base = eqx.nn.Linear(4, 3, key=jr.key(0))
+        model = lora.stack_adapters({
+            "en": lora.loraify(base, rank=2, key=jr.key(1)),
+            "fr": lora.loraify(base, rank=2, key=jr.key(2)),
+        })
+        assert lora.adapter_names(model) == ("en", "fr")
+        ```
+    """
     return _multis(model)[0].names
 
 
@@ -230,6 +274,34 @@ def set_adapter(
     **Returns:**
 
     The model with new mixing weights.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import jax.random as jr
+        import quax
+        import lora_jax as lora
+
+        base = eqx.nn.Linear(4, 3, key=jr.key(0))
+        adapted = {
+            name: lora.loraify(base, rank=2, key=jr.key(i), init="gaussian")
+            for i, name in enumerate(["en", "fr"])
+        }
+        model = lora.stack_adapters(adapted)
+        x = jnp.ones(4)
+        fr = quax.quaxify(lora.set_adapter(model, "fr"))(x)
+        half = quax.quaxify(lora.set_adapter(model, {"en": 0.5, "fr": 0.5}))(x)
+
+        # One adapter per example, chosen by a traced index:
+        def run(i, x):
+            return quax.quaxify(lora.set_adapter(model, i))(x)
+
+        ys = jax.vmap(run)(jnp.array([0, 1]), jnp.ones((2, 4)))
+        assert jnp.allclose(ys[1], fr, atol=1e-6)
+        ```
     """
     names = adapter_names(model)
     n = len(names)
@@ -262,7 +334,32 @@ def set_adapter(
 
 def add_adapter(model: PyTree, name: str, adapted: PyTree) -> PyTree:
     """Adds the adapters of `adapted` (adapted at the same places as `model`'s stack)
-    under `name`. The active selection is kept (the new adapter is off)."""
+    under `name`. The active selection is kept (the new adapter is off).
+
+    **Arguments:**
+
+    - `model`: a model from [`lora_jax.stack_adapters`][].
+    - `name`: the new adapter's name (not already in the stack).
+    - `adapted`: the same base model adapted by [`lora_jax.loraify`][] at the same
+        places; its rank may differ.
+
+    **Returns:**
+
+    The model with one more adapter stacked.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.random as jr
+        import lora_jax as lora
+
+        base = eqx.nn.Linear(4, 3, key=jr.key(0))
+        model = lora.stack_adapters({"en": lora.loraify(base, rank=2, key=jr.key(1))})
+        model = lora.add_adapter(model, "de", lora.loraify(base, rank=4, key=jr.key(2)))
+        assert lora.adapter_names(model) == ("en", "de")
+        ```
+    """
     if not isinstance(name, str):
         raise TypeError(f"`name` must be a str, got {name!r}.")
     names = adapter_names(model)
@@ -286,7 +383,33 @@ def add_adapter(model: PyTree, name: str, adapted: PyTree) -> PyTree:
 
 
 def delete_adapter(model: PyTree, name: str) -> PyTree:
-    """Removes the adapter `name` from the stack (at least one must remain)."""
+    """Removes the adapter `name` from the stack (at least one must remain).
+
+    **Arguments:**
+
+    - `model`: a model from [`lora_jax.stack_adapters`][].
+    - `name`: the adapter to remove.
+
+    **Returns:**
+
+    The model without it; the other adapters keep their mixing weights.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.random as jr
+        import lora_jax as lora
+
+        base = eqx.nn.Linear(4, 3, key=jr.key(0))
+        model = lora.stack_adapters({
+            "en": lora.loraify(base, rank=2, key=jr.key(1)),
+            "fr": lora.loraify(base, rank=2, key=jr.key(2)),
+        })
+        model = lora.delete_adapter(model, "fr")
+        assert lora.adapter_names(model) == ("en",)
+        ```
+    """
     names = adapter_names(model)
     i = _index(names, name, "name")
     if len(names) == 1:
@@ -323,6 +446,28 @@ def combine_adapters(
     **Returns:**
 
     The model with a [`lora_jax.LoraArray`][] (scaling 1) at each stacked place.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.numpy as jnp
+        import jax.random as jr
+        import quax
+        import lora_jax as lora
+
+        base = eqx.nn.Linear(4, 3, key=jr.key(0))
+        model = lora.stack_adapters({
+            name: lora.loraify(base, rank=2, key=jr.key(i), init="gaussian")
+            for i, name in enumerate(["en", "fr"])
+        })
+        mix = {"en": 0.3, "fr": 0.7}
+        merged = lora.combine_adapters(model, mix)  # exact: rank 2 + 2
+        assert merged.weight.rank == 4
+        x = jnp.ones(4)
+        expected = quax.quaxify(lora.set_adapter(model, mix))(x)
+        assert jnp.allclose(quax.quaxify(merged)(x), expected, atol=1e-5)
+        ```
     """
     names = adapter_names(model)
     if not isinstance(weights, Mapping) or not weights:

@@ -891,6 +891,23 @@ def save_peft(
     from the most common go to `rank_pattern` / `alpha_pattern`. For LoKr,
     `decompose_both` and `decompose_factor` are those under which PEFT builds each
     layer with the factors it holds.
+
+    !!! Example
+
+        ```python
+        import json, os, tempfile
+        import equinox as eqx
+        import jax.random as jr
+        import lora_jax as lora
+
+        mlp = eqx.nn.MLP(4, 2, width_size=8, depth=1, key=jr.key(0))
+        model = lora.loraify(mlp, rank=2, alpha=4.0, key=jr.key(1))
+        directory = tempfile.mkdtemp()
+        lora.save_peft(directory, model, name_map=lambda n: "model." + n)
+        with open(os.path.join(directory, "adapter_config.json")) as f:
+            config = json.load(f)
+        assert config["r"] == 2 and config["lora_alpha"] == 4
+        ```
     """
     check_path(directory, "directory")
     check_choice(train_bias, "train_bias", ("none", "lora_only", "all"))
@@ -1134,6 +1151,25 @@ def load_peft(
     values, every tensor's name and shape) is checked before the new model is built:
     an unsupported `peft_type`, an unknown config key, or a tensor for a module the
     model lacks raises a ValueError naming it.
+
+    !!! Example
+
+        ```python
+        import tempfile
+        import equinox as eqx
+        import jax.numpy as jnp
+        import jax.random as jr
+        import quax
+        import lora_jax as lora
+
+        mlp = eqx.nn.MLP(4, 2, width_size=8, depth=1, key=jr.key(0))
+        tuned = lora.loraify(mlp, rank=2, key=jr.key(1), init="gaussian")
+        directory = tempfile.mkdtemp()
+        lora.save_peft(directory, tuned)
+        loaded = lora.load_peft(directory, mlp)  # the plain base model
+        x = jnp.ones(4)
+        assert jnp.allclose(quax.quaxify(loaded)(x), quax.quaxify(tuned)(x), atol=1e-6)
+        ```
     """
     directory = check_path(directory, "directory")
     config, tensors = read_peft_dir(directory)

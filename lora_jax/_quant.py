@@ -122,6 +122,23 @@ class Int8Array(AbstractQuantArray):
     `scale = max|row| / 127`. Half the bytes of bfloat16.
 
     Build one with [`lora_jax.Int8Array.from_array`][] (or [`lora_jax.quantise`][]).
+
+    !!! Example
+
+        ```python
+        import jax.numpy as jnp
+        import jax.random as jr
+        import quax
+        import lora_jax as lora
+
+        w = jr.normal(jr.key(0), (16, 32))
+        q = lora.Int8Array.from_array(w)
+        # A LoraArray over it is QLoRA: the weight is dequantised inside each product.
+        lw = lora.LoraArray(q, rank=2, key=jr.key(1))
+        x = jnp.ones(32)
+        y = quax.quaxify(jnp.matmul)(lw, x)
+        assert jnp.allclose(y, q.dequantise() @ x, atol=1e-4)
+        ```
     """
 
     values: Int8[Array, "*batch out in"]
@@ -163,6 +180,7 @@ class Int8Array(AbstractQuantArray):
         return self.values.shape[-2:]
 
     def dequantise(self) -> Array:
+        """The weight as a plain array in its original dtype: `values · scale`."""
         return _int8_dequantise(self.values, self.scale, self.base_dtype)
 
 
@@ -196,6 +214,21 @@ class NF4Array(AbstractQuantArray):
     this stores). About 4.13 bits per weight instead of 4.5.
 
     Build one with [`lora_jax.NF4Array.from_array`][] (or [`lora_jax.quantise`][]).
+
+    !!! Example
+
+        ```python
+        import jax.numpy as jnp
+        import jax.random as jr
+        import quax
+        import lora_jax as lora
+
+        w = jr.normal(jr.key(0), (16, 32), jnp.bfloat16)
+        q = lora.NF4Array.from_array(w, block_size=64, double_quant=True)
+        print(q.nbytes, "bytes instead of", w.nbytes)
+        lw = lora.LoraArray(q, rank=2, key=jr.key(1), dtype=jnp.float32)
+        y = quax.quaxify(jnp.matmul)(lw, jnp.ones(32, jnp.bfloat16))
+        ```
     """
 
     codes: UInt8[Array, "*batch half"]
@@ -254,6 +287,7 @@ class NF4Array(AbstractQuantArray):
 
     @property
     def double_quant(self) -> bool:
+        """Whether the absmax constants are themselves quantised to 8 bits."""
         return self.absmax_scale is not None
 
     def _batch_shape(self):
@@ -274,6 +308,8 @@ class NF4Array(AbstractQuantArray):
         )
 
     def dequantise(self) -> Array:
+        """The weight as a plain array in its original dtype: each code's NF4 level
+        times its block's absmax."""
         return _nf4_dequantise(
             self.codes,
             self.block_absmax(),

@@ -205,6 +205,24 @@ def fsdp(axis: str | Sequence[str] = "fsdp", *, min_size: int = 1024) -> Rule:
     **Returns:**
 
     A rule for [`lora_jax.shard_model`][].
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.random as jr
+        from jax.sharding import PartitionSpec as P
+        import lora_jax as lora
+
+        mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",))
+        linear = eqx.nn.Linear(64, 128, key=jr.key(0))
+        linear = lora.loraify(linear, rank=4, key=jr.key(1))
+        specs = lora.partition_specs(linear, mesh, lora.fsdp("fsdp", min_size=1024))
+        assert specs.weight._w == P("fsdp", None)  # the larger dimension, `out`
+        assert specs.weight.a == P("fsdp", None)   # `a` follows `w`'s `out` axis
+        assert specs.bias == P(None)               # 128 < min_size: replicated
+        ```
     """
     axis = _check_axis(axis, "axis")
     if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
@@ -247,6 +265,26 @@ def tensor_parallel(
 
     A rule for [`lora_jax.shard_model`][]. It raises a `ValueError` for a layer whose
     split dimension the axis does not divide.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.random as jr
+        from jax.sharding import PartitionSpec as P
+        import lora_jax as lora
+
+        mesh = jax.make_mesh((len(jax.devices()),), ("tensor",))
+        mlp = eqx.nn.MLP(8, 8, width_size=32, depth=1, key=jr.key(0))
+        mlp = lora.loraify(mlp, rank=2, key=jr.key(1))
+        rule = lora.tensor_parallel(column=["layers.0"], row=["layers.1"])
+        specs = lora.partition_specs(mlp, mesh, rule)
+        assert specs.layers[0].weight._w == P("tensor", None)
+        assert specs.layers[0].bias == P("tensor")
+        assert specs.layers[1].weight._w == P(None, "tensor")
+        assert specs.layers[1].weight.b == P(None, "tensor")  # `b` follows `in`
+        ```
     """
     column, row = _check_names(column, "column"), _check_names(row, "row")
     axis = _check_axis(axis, "axis")
@@ -330,6 +368,23 @@ def partition_specs(
     elsewhere: an adapter's factors follow its weight's spec. Usable as
     `jax.jit`'s `out_shardings` (through `NamedSharding`) or filtered with
     [`lora_jax.trainable_mask`][].
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.random as jr
+        from jax.sharding import PartitionSpec as P
+        import lora_jax as lora
+
+        mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",))
+        linear = eqx.nn.Linear(64, 128, key=jr.key(0))
+        linear = lora.loraify(linear, rank=4, key=jr.key(1))
+        specs = lora.partition_specs(linear, mesh, lora.fsdp("fsdp", min_size=64))
+        assert specs.weight._w == P("fsdp", None)
+        assert specs.weight.b == P(None, None)  # `b`'s `in` axis: `w`'s is whole
+        ```
     """
     _check_mesh(mesh)
     rules = _check_rules(rules)
@@ -363,7 +418,31 @@ def trainable_partition_specs(
     `None` elsewhere. Optimiser state built from that part (`optax.adam(...).init`)
     has the same layout: shard it with these.
 
-    Arguments as [`lora_jax.partition_specs`][] and [`lora_jax.partition`][].
+    **Arguments:**
+
+    - `model`, `mesh`, `rules`: as for [`lora_jax.partition_specs`][].
+    - `train_bias`, `trainable`: as for [`lora_jax.partition`][].
+
+    **Returns:**
+
+    A PyTree of the structure of `partition(model)[0]`.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.random as jr
+        from jax.sharding import PartitionSpec as P
+        import lora_jax as lora
+
+        mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",))
+        linear = eqx.nn.Linear(64, 128, key=jr.key(0))
+        linear = lora.loraify(linear, rank=4, key=jr.key(1))
+        specs = lora.trainable_partition_specs(linear, mesh, lora.fsdp(min_size=64))
+        assert specs.weight.a == P("fsdp", None) and specs.weight._w is None
+        assert specs.bias is None  # frozen
+        ```
     """
     specs = partition_specs(model, mesh, rules)
     mask = trainable_mask(model, train_bias=train_bias, trainable=trainable)

@@ -16,8 +16,30 @@ from ._targets import path_name
 
 @dataclass(frozen=True)
 class Summary:
-    """Parameter counts of a model. `str(summary)` is a table, one row per module that
-    holds parameters; `summary.peft_line` is PEFT's `print_trainable_parameters`."""
+    """Parameter counts of a model, as [`lora_jax.summary`][] returns them.
+    `str(summary)` is a table, one row per module that holds parameters;
+    `summary.peft_line` is PEFT's `print_trainable_parameters`.
+
+    **Fields:**
+
+    - `rows`: `(module, kind, params, trainable)` for each module holding parameters.
+    - `total`: every parameter (a quantised weight counts as the weight it stands for).
+    - `trainable`: the parameters that train.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.random as jr
+        import lora_jax as lora
+
+        linear = lora.loraify(eqx.nn.Linear(8, 4, key=jr.key(0)), rank=2, key=jr.key(1))
+        s = lora.summary(linear)
+        assert (s.total, s.trainable) == (8 * 4 + 4 + 2 * (8 + 4), 2 * (8 + 4))
+        assert s.non_trainable == 36
+        print(f"{s.trainable_percent:.2f}%")
+        ```
+    """
 
     rows: tuple[tuple[str, str, int, int], ...]  # (module, kind, params, trainable)
     total: int
@@ -25,14 +47,17 @@ class Summary:
 
     @property
     def non_trainable(self) -> int:
+        """`total - trainable`."""
         return self.total - self.trainable
 
     @property
     def trainable_percent(self) -> float:
+        """`100 · trainable / total` (0 for an empty model)."""
         return 100 * self.trainable / self.total if self.total else 0.0
 
     @property
     def peft_line(self) -> str:
+        """PEFT's line: `trainable params: … || all params: … || trainable%: …`."""
         return (
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
             f"trainable%: {self.trainable_percent:.4f}"
@@ -158,5 +183,23 @@ def _kind(owner: str, adapter: str) -> str:
 
 
 def print_trainable_parameters(model: PyTree, **kwargs) -> None:
-    """Prints PEFT's one line: `trainable params: … || all params: … || trainable%: …`."""
+    """Prints PEFT's one line: `trainable params: … || all params: … || trainable%: …`.
+
+    **Arguments:**
+
+    - `model`: an adapted (or plain) model.
+    - `**kwargs`: `train_bias`, `trainable`, as for [`lora_jax.summary`][].
+
+    !!! Example
+
+        ```python
+        import equinox as eqx
+        import jax.random as jr
+        import lora_jax as lora
+
+        mlp = eqx.nn.MLP(64, 10, width_size=128, depth=2, key=jr.key(0))
+        lora.print_trainable_parameters(lora.loraify(mlp, rank=4, key=jr.key(1)))
+        # trainable params: 2,344 || all params: 28,466 || trainable%: 8.2344
+        ```
+    """
     print(summary(model, **kwargs).peft_line)

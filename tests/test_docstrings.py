@@ -24,9 +24,17 @@ def _public():
 def _docstrings(obj):
     yield inspect.getdoc(obj) or ""
     if inspect.isclass(obj):
-        init = obj.__dict__.get("__init__")
-        if init is not None and init.__doc__:
-            yield inspect.getdoc(init)
+        # `__init__` and the public methods and properties the class defines itself
+        # (`Int8Array.from_array`, say).
+        for name, member in vars(obj).items():
+            if name.startswith("_") and name != "__init__":
+                continue
+            if isinstance(member, (classmethod, staticmethod)):
+                member = member.__func__
+            elif isinstance(member, property):
+                member = member.fget
+            if callable(member) and member.__doc__:
+                yield inspect.getdoc(member)
 
 
 def _examples():
