@@ -471,6 +471,7 @@ def load_adapter(path: str | os.PathLike, model: PyTree) -> PyTree:
     is built, so a mismatch raises a ValueError naming the tensor and nothing is
     half-loaded. A missing file raises FileNotFoundError; a truncated or corrupt one
     (the data's checksum is verified), a ValueError naming the file.
+
     !!! Example
 
         ```python
