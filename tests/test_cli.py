@@ -112,7 +112,8 @@ def test_module_entry_point(tmp_path, getkey):
     path = tmp_path / "a.safetensors"
     lora.save_adapter(path, _model(getkey(), rank=2))
     root = os.path.dirname(os.path.dirname(os.path.abspath(lora.__file__)))
-    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=pythonpath, JAX_PLATFORMS="cpu")
     run = subprocess.run(
         [sys.executable, "-m", "lora_jax", "inspect", str(path)],
         capture_output=True, text=True, env=env, timeout=120,
