@@ -1,12 +1,12 @@
 """A character-level transformer, pretrained on Python's help texts and adapted with
-LoRA to the Zen of Python.
+LoRA, DoRA and LoKr to the Zen of Python.
 
 Both texts ship with Python: `pydoc_data.topics` (the `help()` pages) and the `this`
 module (`import this`). The script
 
 1. pretrains a two-block transformer (`eqx.nn.MultiheadAttention`) on the help texts;
-2. adapts it to the Zen with each adapter method lora_jax has (`method=`), training only
-   the adapters of the attention and MLP layers;
+2. adapts it to the Zen three times, with LoRA, DoRA and LoKr (`loraify(method=...)`),
+   training only the adapters of the attention and MLP layers;
 3. plots the loss curves to `examples/out/char_transformer.png` and prints samples;
 4. saves the LoRA adapter with `save_adapter`, reloads it, merges it with `materialise`
    and exports it in PEFT's format with `save_peft`.
@@ -17,9 +17,10 @@ module (`import this`). The script
 
 import argparse
 import codecs
+import contextlib
+import io
 import os
 import sys
-import this
 
 import equinox as eqx
 import jax
@@ -30,6 +31,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 from pydoc_data.topics import topics  # noqa: E402
+
+
+with contextlib.redirect_stdout(io.StringIO()):  # `import this` prints the Zen
+    import this  # noqa: E402
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,8 +49,23 @@ import lora_jax as lora  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "out")
 CONTEXT = 64
-# The adapter methods to compare; each is `loraify(..., method=...)`.
-METHODS = {"LoRA": "lora"}
+# The adapter methods to compare: `loraify(model, rank=..., key=..., **options)`. LoKr
+# takes PEFT's LoKrConfig options under their own names; with `alpha=None` its scaling
+# is 1 (PEFT's `alpha == r`). Its update `w1 ⊗ w2` starts at zero (`init_weights=True`:
+# `w1 = 0`), and it has far fewer parameters, so it gets a larger learning rate.
+METHODS = {
+    "LoRA": dict(method="lora", lr=3e-3),
+    "DoRA": dict(method="dora", lr=3e-3),
+    "LoKr": dict(
+        method="lokr",
+        decompose_both=False,
+        decompose_factor=-1,
+        init_weights=True,
+        rank_dropout=0.0,
+        module_dropout=0.0,
+        lr=1e-2,
+    ),
+}
 # The layers to adapt: the attention projections and the MLP of every block.
 WHERE = ["query_proj", "key_proj", "value_proj", "output_proj", "up", "down"]
 
@@ -154,16 +174,19 @@ def train(model, mask, data, steps, lr, desc):
 
 
 @eqx.filter_jit
-def next_logits(model, window):
-    return quax.quaxify(model)(window)[-1]
+def next_logits(model, window, length):
+    # The window is padded to CONTEXT so that one compilation serves every length; the
+    # attention is causal, so the padding never reaches position `length - 1`.
+    return quax.quaxify(model)(window)[length - 1]
 
 
 def sample(model, prompt: str, n: int, key) -> str:
     """Samples `n` characters after `prompt` (temperature 0.8)."""
     ids = list(encode(prompt))
     for i in range(n):
-        window = jnp.asarray(ids[-CONTEXT:])
-        logits = next_logits(model, window)
+        window = ids[-CONTEXT:]
+        padded = jnp.asarray(window + [0] * (CONTEXT - len(window)))
+        logits = next_logits(model, padded, jnp.asarray(len(window)))
         ids.append(int(jr.categorical(jr.fold_in(key, i), logits / 0.8)))
     return decode(ids)
 
@@ -202,12 +225,14 @@ def main():
     )
 
     curves, adapted = {}, {}
-    for name, method in METHODS.items():
-        m = lora.loraify(model, rank=args.rank, key=k_lora, method=method, where=WHERE)
-        if name == "LoRA":
-            lora.print_trainable_parameters(m)
+    for name, options in METHODS.items():
+        options = dict(options)
+        lr = options.pop("lr")
+        m = lora.loraify(model, rank=args.rank, key=k_lora, where=WHERE, **options)
+        print(f"{name}: ", end="")
+        lora.print_trainable_parameters(m)
         m, curves[name] = train(
-            m, lora.trainable_mask(m), batches(zen, 32, 1), adapt_steps, 3e-3, name
+            m, lora.trainable_mask(m), batches(zen, 32, 1), adapt_steps, lr, name
         )
         adapted[name] = m
         print(f"{name}: loss on the Zen {float(eval_loss(m, *zen_eval)):.3f}")

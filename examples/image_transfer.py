@@ -3,8 +3,9 @@
 A small CNN is pretrained to tell the digits 0-4 apart, then adapted to tell 5-9 apart
 (the same five outputs, new meanings) in three ways:
 
-- LoRA: rank-4 adapters on every layer that has one (convolutions too, where lora_jax
-  supports them), plus the biases of the adapted layers;
+- LoRA: rank-4 adapters on both convolutions and both Linear layers, plus the biases of
+  the adapted layers. `loraify` adapts only Linear layers unless `where` names others,
+  so `where` lists the convolutions too (their kernels become `LoraConvArray`s);
 - full fine-tuning: every parameter trains;
 - head only: only the last Linear layer trains.
 
@@ -40,6 +41,8 @@ import lora_jax as lora  # noqa: E402
 
 
 OUT = os.path.join(os.path.dirname(__file__), "out")
+# The layers LoRA adapts: both convolutions and both Linear layers.
+LORA_LAYERS = ["conv1", "conv2", "hidden", "head"]
 
 
 class CNN(eqx.Module):
@@ -133,8 +136,9 @@ def main():
         f"{accuracy(base, *new_test):.3f} on 5-9 (before adapting)"
     )
 
-    # 2. Adapt to 5-9, three ways.
-    adapted = lora.loraify(base, rank=args.rank, key=k_lora)
+    # 2. Adapt to 5-9, three ways. LoRA on the convolutions as well as the linears:
+    # `where` names them all (by default only `eqx.nn.Linear` layers are adapted).
+    adapted = lora.loraify(base, rank=args.rank, key=k_lora, where=LORA_LAYERS)
     runs = {
         "LoRA": (adapted, lora.trainable_mask(adapted, train_bias="lora_only")),
         "full fine-tuning": (base, eqx.is_inexact_array),
@@ -159,10 +163,12 @@ def main():
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     names = list(results)
     colors = ["C0", "C1", "C2"]
-    ax1.bar(names, [results[n][0] for n in names], color=colors)
-    ax1.set_ylim(0, 1)
+    bars = ax1.bar(names, [results[n][0] for n in names], color=colors)
+    ax1.bar_label(bars, fmt="%.3f")
+    ax1.set_ylim(0, 1.1)
     ax1.set_title("test accuracy on digits 5-9")
-    ax2.bar(names, [results[n][1] for n in names], color=colors)
+    bars = ax2.bar(names, [results[n][1] for n in names], color=colors)
+    ax2.bar_label(bars, labels=[f"{results[n][1]:,}" for n in names])
     ax2.set_yscale("log")
     ax2.set_title("trainable parameters (log scale)")
     for ax in (ax1, ax2):
