@@ -81,6 +81,11 @@ def follow_weight(adapter: AbstractAdapter) -> AbstractAdapter:
     else:
         sharding = w.sharding
         if isinstance(sharding, SingleDeviceSharding):
+            if not w.committed:
+                # An unplaced weight: placing the factors would commit them and make
+                # the first training step (mixing them with uncommitted optimiser
+                # state) compile twice.
+                return adapter
             return jtu.tree_map(
                 lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, adapter
             )
