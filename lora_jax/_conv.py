@@ -30,12 +30,11 @@ from typing import Literal
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-import jax.random as jr
 import quax
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling
-from ._lora import Init, lora_scaling
+from ._lora import init_factors, Init, lora_scaling
 from ._validate import check_choice, check_dtype, check_key, check_rank, check_scalar
 
 
@@ -134,16 +133,10 @@ class LoraConvArray(AbstractAdapter):
         m = conv_split(conv_form, len(kernel))
         a_shape = (out, rank, *kernel[:m], *(1,) * (len(kernel) - m))
         b_shape = (rank, inp, *(1,) * m, *kernel[m:])
-        if init == "quax":
-            a = jr.normal(key, a_shape, dtype) * jnp.asarray(scale, dtype)
-            b = jnp.zeros(b_shape, dtype)
-        elif init == "peft":
-            bound = 1 / math.sqrt(math.prod(b_shape[1:]))
-            a = jnp.zeros(a_shape, dtype)
-            b = jr.uniform(key, b_shape, dtype, -bound, bound)
-        else:
-            a = jnp.zeros(a_shape, dtype)
-            b = jr.normal(key, b_shape, dtype) * jnp.asarray(1 / rank, dtype)
+        a, b = init_factors(
+            key, a_shape, b_shape, init=init, rank=rank, scale=scale,
+            fan_in=math.prod(b_shape[1:]), dtype=dtype,
+        )
         self._w = weight
         self.a = a
         self.b = b

@@ -1,19 +1,17 @@
 """DoRA: `m ⊙ (w + s·a @ b) / ‖w + s·a @ b‖`, the norm taken per output unit, computed
 as `(m / n) ⊙ (w·x + s·a·(b·x))` without forming the sum."""
 
-import math
 
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
-import jax.random as jr
 import quax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._broadcast import along_output
 from ._dropout import dropout as apply_dropout
-from ._lora import Init, lora_scaling
+from ._lora import init_factors, Init, lora_scaling
 from ._rules import Dims, join_dims, lowrank_product, result_order
 from ._validate import (
     check_dtype,
@@ -109,16 +107,10 @@ class DoraArray(AbstractAdapter):
         dtype = check_dtype(dtype, weight.dtype)
         *batch, out, inp = weight.shape
         a_shape, b_shape = (*batch, out, rank), (*batch, rank, inp)
-        if init == "quax":
-            a = jr.normal(key, a_shape, dtype) * jnp.asarray(scale, dtype)
-            b = jnp.zeros(b_shape, dtype)
-        elif init == "peft":
-            bound = 1 / math.sqrt(inp)
-            a = jnp.zeros(a_shape, dtype)
-            b = jr.uniform(key, b_shape, dtype, -bound, bound)
-        else:
-            a = jnp.zeros(a_shape, dtype)
-            b = jr.normal(key, b_shape, dtype) * jnp.asarray(1 / rank, dtype)
+        a, b = init_factors(
+            key, a_shape, b_shape, init=init, rank=rank, scale=scale,
+            fan_in=inp, dtype=dtype,
+        )
         self._w = weight
         self.a = a
         self.b = b

@@ -36,6 +36,22 @@ def lora_scaling(rank: int, alpha: float | None, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+def init_factors(key, a_shape, b_shape, *, init: str, rank: int, scale, fan_in: int, dtype):
+    """The factors `(a, b)` at initialisation, `a @ b = 0`: quax's (`a` normal with
+    standard deviation `scale`, `b` zeros), PEFT's (`a` zeros, `b` as PyTorch's
+    kaiming-uniform of a layer with `fan_in` inputs) or `"gaussian"` (`a` zeros, `b`
+    normal with standard deviation `1/rank`)."""
+    if init == "quax":
+        return jr.normal(key, a_shape, dtype) * jnp.asarray(scale, dtype), jnp.zeros(
+            b_shape, dtype
+        )
+    a = jnp.zeros(a_shape, dtype)
+    if init == "peft":
+        bound = 1 / math.sqrt(fan_in)
+        return a, jr.uniform(key, b_shape, dtype, -bound, bound)
+    return a, jr.normal(key, b_shape, dtype) * jnp.asarray(1 / rank, dtype)
+
+
 class LoraArray(AbstractAdapter):
     """Replaces a matrix `w ∈ R^{n×m}` with `w + s·a @ b`, where `a ∈ R^{n×k}`,
     `b ∈ R^{k×m}` and `s` is a scalar scaling.
@@ -123,16 +139,10 @@ class LoraArray(AbstractAdapter):
         dtype = check_dtype(dtype, weight.dtype)
         *batch, out, inp = weight.shape
         a_shape, b_shape = (*batch, out, rank), (*batch, rank, inp)
-        if init == "quax":
-            a = jr.normal(key, a_shape, dtype) * jnp.asarray(scale, dtype)
-            b = jnp.zeros(b_shape, dtype)
-        elif init == "peft":
-            bound = 1 / math.sqrt(inp)
-            a = jnp.zeros(a_shape, dtype)
-            b = jr.uniform(key, b_shape, dtype, -bound, bound)
-        else:
-            a = jnp.zeros(a_shape, dtype)
-            b = jr.normal(key, b_shape, dtype) * jnp.asarray(1 / rank, dtype)
+        a, b = init_factors(
+            key, a_shape, b_shape, init=init, rank=rank, scale=scale,
+            fan_in=inp, dtype=dtype,
+        )
         self._w = weight
         self.a = a
         self.b = b
