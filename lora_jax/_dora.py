@@ -153,7 +153,8 @@ class DoraArray(AbstractAdapter):
         m = lax.transpose(self.m, permutation[:-2] + (len(permutation) - 2,))
         w = quax.quaxify(t)(self._w)
         axis = (-1 if self.axis == -2 else -2) if swap else self.axis
-        new = eqx.tree_at(lambda v: (v._w, v.a, v.b, v.m), self, (w, a, b, m))
+        s = lax.transpose(self.scaling, permutation[:-2])
+        new = eqx.tree_at(lambda v: (v._w, v.a, v.b, v.m, v.scaling), self, (w, a, b, m, s))
         object.__setattr__(new, "axis", axis)
         return new
 

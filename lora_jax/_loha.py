@@ -176,7 +176,10 @@ class LohaArray(AbstractAdapter):
         else:
             f = (t(self.w1a), t(self.w1b), t(self.w2a), t(self.w2b))
         w = quax.quaxify(t)(self._w)
-        new = eqx.tree_at(lambda v: (v._w, v.w1a, v.w1b, v.w2a, v.w2b), self, (w, *f))
+        s = lax.transpose(self.scaling, permutation[:-2])
+        new = eqx.tree_at(
+            lambda v: (v._w, v.w1a, v.w1b, v.w2a, v.w2b, v.scaling), self, (w, *f, s)
+        )
         # A static field: set on the fresh copy `tree_at` made.
         object.__setattr__(new, "transposed", self.transposed != swap)
         return new

@@ -164,7 +164,9 @@ class LoraArray(AbstractAdapter):
         t = lambda x: lax.transpose(x, permutation)
         a, b = (t(self.b), t(self.a)) if swap else (t(self.a), t(self.b))
         w = quax.quaxify(t)(self._w)
-        return eqx.tree_at(lambda v: (v._w, v.a, v.b), self, (w, a, b))
+        # One scaling per stacked matrix: it follows the stacking dimensions.
+        s = lax.transpose(self.scaling, permutation[:-2])
+        return eqx.tree_at(lambda v: (v._w, v.a, v.b, v.scaling), self, (w, a, b, s))
 
 
 def _delta(a, b, scaling):
