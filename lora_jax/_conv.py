@@ -36,7 +36,15 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling
 from ._lora import Init, lora_scaling
-from ._validate import check_choice, check_dtype, check_key, check_rank, check_scalar
+from ._validate import (
+    check_choice,
+    check_dtype,
+    check_flags,
+    check_key,
+    check_not_empty,
+    check_rank,
+    check_scalar,
+)
 
 
 ConvForm = Literal["peft", "balanced"]
@@ -122,8 +130,10 @@ class LoraConvArray(AbstractAdapter):
             )
         if not jnp.issubdtype(weight.dtype, jnp.floating):
             raise TypeError(f"`weight` must have a floating dtype, got {weight.dtype}.")
+        check_not_empty(shape)
         check_rank(rank)
         check_key(key)
+        check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_scalar(scale, "scale")
         if alpha is not None:
             check_scalar(alpha, "alpha", positive=True)

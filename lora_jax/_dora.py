@@ -17,6 +17,7 @@ from ._lora import Init, lora_scaling
 from ._rules import Dims, join_dims, lowrank_product, result_order
 from ._validate import (
     check_dtype,
+    check_flags,
     check_key,
     check_probability,
     check_rank,
@@ -98,6 +99,7 @@ class DoraArray(AbstractAdapter):
         check_weight(weight, "weight")
         check_rank(rank)
         check_key(key)
+        check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_scalar(scale, "scale")
         check_probability(dropout, "dropout")
         if alpha is not None:

@@ -10,7 +10,15 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 from ._base import AbstractAdapter, as_scaling
 from ._lora import _delta, _lora_dot, Init, lora_scaling
 from ._rules import Dims
-from ._validate import check_choice, check_dtype, check_key, check_rank, check_scalar
+from ._validate import (
+    check_choice,
+    check_dtype,
+    check_flags,
+    check_key,
+    check_not_empty,
+    check_rank,
+    check_scalar,
+)
 
 
 class LoraEmbeddingArray(AbstractAdapter):
@@ -84,8 +92,10 @@ class LoraEmbeddingArray(AbstractAdapter):
             )
         if not jnp.issubdtype(weight.dtype, jnp.floating):
             raise TypeError(f"`weight` must have a floating dtype, got {weight.dtype}.")
+        check_not_empty(shape)
         check_rank(rank)
         check_key(key)
+        check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_scalar(scale, "scale")
         if alpha is not None:
             check_scalar(alpha, "alpha", positive=True)

@@ -160,6 +160,12 @@ def _(operand: AbstractAdapter, *, sharding, **params):
 
 def _axis_size(mesh: Mesh, axis) -> int:
     names = (axis,) if isinstance(axis, str) else tuple(axis)
+    for n in names:
+        if n not in mesh.shape:
+            raise ValueError(
+                f"A rule's `axis` {n!r} is not an axis of `mesh`, whose axes are "
+                f"{tuple(mesh.axis_names)}."
+            )
     return math.prod(mesh.shape[n] for n in names)
 
 
@@ -207,8 +213,10 @@ def fsdp(axis: str | Sequence[str] = "fsdp", *, min_size: int = 1024) -> Rule:
     A rule for [`lora_jax.shard_model`][].
     """
     axis = _check_axis(axis, "axis")
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+    if isinstance(min_size, bool) or not isinstance(min_size, int):
         raise TypeError(f"`min_size` must be a non-negative integer, got {min_size!r}.")
+    if min_size < 0:
+        raise ValueError(f"`min_size` must be a non-negative integer, got {min_size}.")
 
     def rule(name, shape, spec, mesh):
         del name
@@ -307,7 +315,14 @@ def _check_mesh(mesh):
 def _apply(rules, name, shape, mesh) -> tuple:
     spec = (None,) * len(shape)
     for rule in rules:
-        spec = tuple(rule(name, tuple(shape), spec, mesh))
+        out = rule(name, tuple(shape), spec, mesh)
+        if not isinstance(out, (tuple, list)) or len(out) != len(shape):
+            raise TypeError(
+                f"`rules`: {rule!r} returned {out!r} for {name!r} of shape "
+                f"{tuple(shape)}; a rule returns one PartitionSpec entry per dimension "
+                f"({len(shape)} here)."
+            )
+        spec = tuple(out)
     return spec
 
 
