@@ -37,15 +37,17 @@ library accumulates in float32 as `‖w‖² + 2s⟨w, a@b⟩ + s²‖a@b‖²`;
 stays polynomial), and `n` grows by `TOL_ULPS·κ`, κ the largest ratio
 `‖|w| + s·|a|@|b|‖² / ‖w + s·a@b‖²` of a row (the sum of the absolute values of the
 expanded norm's terms over its value: the norm's relative error is about `κ·eps_f32`).
-A DoRA draw with `κ > KAPPA_MAX` (a row ten thousand times shorter than its parts, which
-random tiny shapes produce about once in a thousand draws) is neither checked nor
-counted: there the factored norm has lost four of float32's seven digits, and near
-`κ = 1/eps_f32` none, a limit of computing DoRA without forming `w + s·a@b`.
+A DoRA draw with `κ > KAPPA_MAX` (a row a hundred times shorter than its parts, which
+random tiny shapes produce in a few draws per thousand, rows of one or two inputs) is
+neither checked nor counted: there the factored norm has lost four of float32's seven
+digits, and near `κ = 1/eps_f32` all of them, a limit of computing DoRA without forming
+`w + s·a@b`.
 
 **Cost.** JAX compiles dominate, so each example compiles once and checks `DRAWS`
 cases, and each function is compiled with `xla_backend_optimization_level=0` (LLVM's
 optimisations off: the same HLO, the XLA-level rewrites included, compiled about twice
-as fast).
+as fast). Hypothesis does not shrink a failure (each candidate would recompile); the
+message names the problem and the seed, which reproduce it through `check`.
 """
 
 import math
@@ -113,7 +115,9 @@ _CLASSES = {
 
 
 def _build(p: Problem, w):
-    kw = dict(rank=p.rank, key=jr.key(0), dtype=DTYPES[p.factor_dtype], **dict(p.options))
+    kw = dict(
+        rank=p.rank, key=jr.key(0), dtype=DTYPES[p.factor_dtype], **dict(p.options)
+    )
     if p.kind == "conv":
         return lora.LoraConvArray(w, **kw)
     if p.kind == "embedding":
@@ -124,7 +128,9 @@ def _build(p: Problem, w):
 def _quantise(p: Problem, w):
     if p.base == "int8":
         return lora.Int8Array.from_array(w)
-    return lora.NF4Array.from_array(w, block_size=p.block, double_quant=p.base == "nf4-dq")
+    return lora.NF4Array.from_array(
+        w, block_size=p.block, double_quant=p.base == "nf4-dq"
+    )
 
 
 def _operation(p: Problem):
@@ -182,7 +188,9 @@ def _operation(p: Problem):
             return jax.vmap(row, (None, 0))(w, ids)
 
         if kind == "vmap_outside":
-            return (lambda w, x, ids: jax.vmap(quax.quaxify(row), (None, 0))(w, ids)), ref
+            return (
+                lambda w, x, ids: jax.vmap(quax.quaxify(row), (None, 0))(w, ids)
+            ), ref
     else:
         raise AssertionError(kind)
     return quax.quaxify(ref), ref
@@ -233,7 +241,9 @@ def _vjp(fn, weight_of, v, x, ids, ct):
     """Output and cotangents (factors, input) of `fn(weight_of(v'), x, ids)` where `v'`
     is `v` with its trainable fields as the differentiated inputs."""
     fields = trainable(v)
-    y, pullback = jax.vjp(lambda f, x: fn(weight_of(with_fields(v, f)), x, ids), fields, x)
+    y, pullback = jax.vjp(
+        lambda f, x: fn(weight_of(with_fields(v, f)), x, ids), fields, x
+    )
     return y, pullback(ct)
 
 
@@ -258,7 +268,9 @@ def _abs(tree):
 class _Compiled:
     def __init__(self, p: Problem):
         dtype = DTYPES[p.dtype]
-        template = eqx.filter_eval_shape(_build, p, jax.ShapeDtypeStruct(p.shape, dtype))
+        template = eqx.filter_eval_shape(
+            _build, p, jax.ShapeDtypeStruct(p.shape, dtype)
+        )
         self.leaves, self.treedef = jtu.tree_flatten_with_path(template)
         self.x = None if p.x_shape is None else jax.ShapeDtypeStruct(p.x_shape, dtype)
         self.ids = None if p.ids is None else jax.ShapeDtypeStruct(p.ids[0], jnp.int32)
@@ -329,7 +341,9 @@ def check(p: Problem, seed: int, counter, name: str) -> None:
     scale = (TOL_ULPS * eps + (n + TOL_ULPS * kappa) * _EPS_F32)[keep]
     names = ["forward", "factor gradients", "input gradient"]
     for what, g, e, m in zip(names, _parts(out), _parts(expected), _parts(bound)):
-        for got, ref, mag in zip(jtu.tree_leaves(g), jtu.tree_leaves(e), jtu.tree_leaves(m)):
+        for got, ref, mag in zip(
+            jtu.tree_leaves(g), jtu.tree_leaves(e), jtu.tree_leaves(m)
+        ):
             got, ref, mag = (np.asarray(z, np.float64)[keep] for z in (got, ref, mag))
             _close(got, ref, mag, scale, floor, f"{what} of {p}, seed {seed}")
     counter.add(name, int(keep.sum()))
@@ -373,7 +387,9 @@ def _factor_dtype(draw, dtype):
 @st.composite
 def matrix_problems(draw, method: str, base: str = "plain"):
     """A (possibly stacked, possibly transposed) matrix adapter in a `dot_general`."""
-    sizes, other_shape, dims, rank, lhs, _ = draw(dot_problems(0 if method == "lokr" else 2))
+    sizes, other_shape, dims, rank, lhs, _ = draw(
+        dot_problems(0 if method == "lokr" else 2)
+    )
     n = len(sizes)
     lead = tuple(draw(st.permutations(range(n - 2))))
     swap = draw(st.booleans())
@@ -419,7 +435,9 @@ def conv_problems(draw):
     c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 2))
     kernel = [draw(st.integers(1, 3)) for _ in range(n)]
     strides = tuple(draw(st.integers(1, 2)) for _ in range(n))
-    padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(n))
+    padding = tuple(
+        (draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(n)
+    )
     lhs_dil = tuple(draw(st.integers(1, 2)) for _ in range(n))
     rhs_dil = tuple(draw(st.integers(1, 2)) for _ in range(n))
     spatial = [draw(st.integers(1, 5)) for _ in range(n)]
@@ -452,7 +470,15 @@ def embedding_problems(draw):
     """An embedding table adapter: looked up every way, or in a product (a tied head)."""
     kind = draw(
         st.sampled_from(
-            ["take", "index", "static", "dynamic_slice", "vmap_inside", "vmap_outside", "dot"]
+            [
+                "take",
+                "index",
+                "static",
+                "dynamic_slice",
+                "vmap_inside",
+                "vmap_outside",
+                "dot",
+            ]
         )
     )
     dtype = draw(_dtypes)
@@ -466,7 +492,14 @@ def embedding_problems(draw):
         shape = tuple(sizes[::-1]) if swap else tuple(sizes)
         op = ("dot", (1, 0) if swap else None, dn, lhs)
         return Problem(
-            "embedding", "lora", dtype, factor_dtype, shape, rank, op, tuple(other_shape)
+            "embedding",
+            "lora",
+            dtype,
+            factor_dtype,
+            shape,
+            rank,
+            op,
+            tuple(other_shape),
         )
     num, dim = draw(st.integers(1, 6)), draw(st.integers(1, 4))
     ids_shape = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
@@ -495,7 +528,9 @@ def embedding_problems(draw):
         op = (kind,)
     else:
         op = ("index",)
-    return Problem("embedding", "lora", dtype, factor_dtype, (num, dim), rank, op, ids=ids)
+    return Problem(
+        "embedding", "lora", dtype, factor_dtype, (num, dim), rank, op, ids=ids
+    )
 
 
 def _slices(size):
