@@ -553,7 +553,7 @@ def _settings(n):
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "lokr", "loha"])
-@_settings(16)
+@_settings(24)
 @given(data=st.data(), seed=_seeds)
 def test_matrix_methods(method, data, seed, property_cases):
     p = data.draw(matrix_problems(method))
@@ -561,7 +561,7 @@ def test_matrix_methods(method, data, seed, property_cases):
 
 
 @pytest.mark.parametrize("base", ["int8", "nf4", "nf4-dq"])
-@_settings(8)
+@_settings(10)
 @given(data=st.data(), seed=_seeds)
 def test_quantised_bases(base, data, seed, property_cases):
     method = data.draw(st.sampled_from(["lora", "dora", "lokr", "loha"]))
@@ -569,13 +569,13 @@ def test_quantised_bases(base, data, seed, property_cases):
     check(p, seed, property_cases, f"{base}+{method}")
 
 
-@_settings(20)
+@_settings(25)
 @given(p=conv_problems(), seed=_seeds)
 def test_conv(p, seed, property_cases):
     check(p, seed, property_cases, "conv")
 
 
-@_settings(20)
+@_settings(25)
 @given(p=embedding_problems(), seed=_seeds)
 def test_embedding(p, seed, property_cases):
     check(p, seed, property_cases, "embedding")
