@@ -13,7 +13,16 @@ import quax
 from jaxtyping import Array, Shaped
 
 
-_REFUSE = "Refusing to materialise `{}` with `allow_materialise=False`."
+_REFUSE = (
+    "Refusing to materialise `{}` with `allow_materialise=False`: an operation with no "
+    "rule for adapters (one that is not a product, a transpose or a cast) met it. "
+    "Build the adapter with `allow_materialise=True` to let such operations form "
+    "`w + Δ` densely."
+)
+_OUTSIDE = (
+    "A `{}` was used outside `quax.quaxify`: call the model through it, "
+    "`quax.quaxify(model)(x)`, so that the adapter's rules compute the product."
+)
 
 
 class AbstractAdapter(quax.ArrayValue):
@@ -101,6 +110,15 @@ class AbstractAdapter(quax.ArrayValue):
         if self.allow_materialise:
             return _merge(self.w, self.delta())
         raise RuntimeError(_REFUSE.format(type(self).__name__))
+
+    def __matmul__(self, other):
+        raise TypeError(_OUTSIDE.format(type(self).__name__))
+
+    def __rmatmul__(self, other):
+        raise TypeError(_OUTSIDE.format(type(self).__name__))
+
+    def __getitem__(self, index):
+        raise TypeError(_OUTSIDE.format(type(self).__name__))
 
     # Hooks for the shared rules in `_rules.py`. The defaults materialise (which
     # refuses unless `allow_materialise=True`); variants override what they can do

@@ -34,8 +34,16 @@ import quax
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling
-from ._lora import init_factors, Init, lora_scaling
-from ._validate import check_choice, check_dtype, check_key, check_rank, check_scalar
+from ._lora import Init, init_factors, lora_scaling
+from ._validate import (
+    check_choice,
+    check_dtype,
+    check_flags,
+    check_key,
+    check_not_empty,
+    check_rank,
+    check_scalar,
+)
 
 
 ConvForm = Literal["peft", "balanced"]
@@ -121,8 +129,10 @@ class LoraConvArray(AbstractAdapter):
             )
         if not jnp.issubdtype(weight.dtype, jnp.floating):
             raise TypeError(f"`weight` must have a floating dtype, got {weight.dtype}.")
+        check_not_empty(shape)
         check_rank(rank)
         check_key(key)
+        check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_scalar(scale, "scale")
         if alpha is not None:
             check_scalar(alpha, "alpha", positive=True)

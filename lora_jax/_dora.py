@@ -15,6 +15,7 @@ from ._lora import init_factors, Init, lora_scaling
 from ._rules import Dims, join_dims, lowrank_product, result_order
 from ._validate import (
     check_dtype,
+    check_flags,
     check_key,
     check_probability,
     check_rank,
@@ -96,6 +97,7 @@ class DoraArray(AbstractAdapter):
         check_weight(weight, "weight")
         check_rank(rank)
         check_key(key)
+        check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_scalar(scale, "scale")
         check_probability(dropout, "dropout")
         if alpha is not None:
@@ -145,7 +147,8 @@ class DoraArray(AbstractAdapter):
         m = lax.transpose(self.m, permutation[:-2] + (len(permutation) - 2,))
         w = quax.quaxify(t)(self._w)
         axis = (-1 if self.axis == -2 else -2) if swap else self.axis
-        new = eqx.tree_at(lambda v: (v._w, v.a, v.b, v.m), self, (w, a, b, m))
+        s = lax.transpose(self.scaling, permutation[:-2])
+        new = eqx.tree_at(lambda v: (v._w, v.a, v.b, v.m, v.scaling), self, (w, a, b, m, s))
         object.__setattr__(new, "axis", axis)
         return new
 
@@ -153,26 +156,36 @@ class DoraArray(AbstractAdapter):
 @quax.quaxify
 def _norm(w, a, b, scaling, axis: int):
     """Per-unit norms of `w + s·a @ b` along `axis` (-2: rows, -1: columns of the stored
-    matrix), from thin products only. Cast to the factors' dtype."""
-    s = scaling.astype(a.dtype)[..., None]
+    matrix), from thin products only. Cast to the factors' dtype.
+
+    The sum `‖w_j‖² + 2s⟨w_j, (a@b)_j⟩ + s²‖(a@b)_j‖²` cancels when the adapted row is
+    much shorter than its parts, so it is accumulated in float32 (at least) from the
+    unrounded inputs: in bfloat16 a row shorter than a tenth of its parts came out as a
+    norm of zero (and the output as NaN)."""
+    acc = a.dtype if jnp.finfo(a.dtype).bits >= 32 else jnp.dtype(jnp.float32)
+    s = scaling.astype(acc)[..., None]
     batch = tuple(range(a.ndim - 2))
     n = a.ndim
-    # ‖w_j‖²: XLA fuses the square into the reduction.
-    ww = jnp.sum(jnp.square(w), axis=-1 if axis == -2 else -2).astype(a.dtype)
+
+    def dot(x, y, contract):
+        return lax.dot_general(x, y, (contract, (batch, batch)), preferred_element_type=acc)
+
+    # ‖w_j‖²: XLA fuses the cast and the square into the reduction.
+    ww = jnp.sum(jnp.square(w.astype(acc)), axis=-1 if axis == -2 else -2)
     if axis == -2:
         # Σ_k a_jk (w bᵀ)_jk and a_j (b bᵀ) a_jᵀ.
-        wb = lax.dot_general(w, b.astype(w.dtype), (((n - 1,), (n - 1,)), (batch, batch)))
-        cross = jnp.sum(a * wb.astype(a.dtype), axis=-1)
-        bb = lax.dot_general(b, b, (((n - 1,), (n - 1,)), (batch, batch)))
-        quad = jnp.sum(lax.dot_general(a, bb, (((n - 1,), (n - 2,)), (batch, batch))) * a, -1)
+        wb = dot(w, b, ((n - 1,), (n - 1,)))
+        cross = jnp.sum(a.astype(acc) * wb, axis=-1)
+        bb = dot(b, b, ((n - 1,), (n - 1,)))
+        quad = jnp.sum(dot(a, bb, ((n - 1,), (n - 2,))) * a.astype(acc), -1)
     else:
         # Σ_k b_kj (aᵀ w)_kj and b_jᵀ (aᵀ a) b_j.
-        aw = lax.dot_general(a.astype(w.dtype), w, (((n - 2,), (n - 2,)), (batch, batch)))
-        cross = jnp.sum(b * aw.astype(a.dtype), axis=-2)
-        aa = lax.dot_general(a, a, (((n - 2,), (n - 2,)), (batch, batch)))
-        quad = jnp.sum(lax.dot_general(aa, b, (((n - 1,), (n - 2,)), (batch, batch))) * b, -2)
+        aw = dot(a, w, ((n - 2,), (n - 2,)))
+        cross = jnp.sum(b.astype(acc) * aw, axis=-2)
+        aa = dot(a, a, ((n - 2,), (n - 2,)))
+        quad = jnp.sum(dot(aa, b, ((n - 1,), (n - 2,))) * b.astype(acc), -2)
     sq = ww + 2 * s * cross + s * s * quad
-    return jnp.sqrt(jnp.maximum(sq, jnp.zeros((), sq.dtype)))
+    return jnp.sqrt(jnp.maximum(sq, jnp.zeros((), acc))).astype(a.dtype)
 
 
 def _per_unit(g, axis):

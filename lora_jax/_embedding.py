@@ -10,7 +10,15 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 from ._base import AbstractAdapter, as_scaling
 from ._lora import _delta, _lora_dot, Init, lora_scaling
 from ._rules import Dims
-from ._validate import check_choice, check_dtype, check_key, check_rank, check_scalar
+from ._validate import (
+    check_choice,
+    check_dtype,
+    check_flags,
+    check_key,
+    check_not_empty,
+    check_rank,
+    check_scalar,
+)
 
 
 class LoraEmbeddingArray(AbstractAdapter):
@@ -84,8 +92,10 @@ class LoraEmbeddingArray(AbstractAdapter):
             )
         if not jnp.issubdtype(weight.dtype, jnp.floating):
             raise TypeError(f"`weight` must have a floating dtype, got {weight.dtype}.")
+        check_not_empty(shape)
         check_rank(rank)
         check_key(key)
+        check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_scalar(scale, "scale")
         if alpha is not None:
             check_scalar(alpha, "alpha", positive=True)
@@ -186,9 +196,32 @@ def _(operand: LoraEmbeddingArray, *, start_indices, limit_indices, strides):
 
 
 @quax.quaxify
+def _squeeze_lookup(w, a, b, scaling, dimensions):
+    # Only a table of one row (or of one column) squeezes: the update is that row.
+    delta = (a * scaling.astype(a.dtype)) @ b
+    out = lax.squeeze(w, dimensions)
+    return out + lax.squeeze(delta, dimensions).astype(out.dtype)
+
+
+@quax.register(lax.squeeze_p)
+def _(operand: LoraEmbeddingArray, *, dimensions):
+    # `w[0]` on a table of one row (RoBERTa's token types) is a squeeze, not a slice.
+    return _squeeze_lookup(
+        operand.w,
+        operand.a,
+        operand.b,
+        lax.stop_gradient(operand.scaling),
+        tuple(dimensions),
+    )
+
+
+@quax.quaxify
 def _gather_lookup(w, a, b, scaling, indices, params, position):
     out = lax.gather_p.bind(w, indices, **params)
-    a_params = dict(params, slice_sizes=(params["slice_sizes"][0], a.shape[1]))
+    # Out-of-bounds rows of `w` are filled (NaN under jnp.take's default mode); those
+    # of `a` with zeros, so that the filled rows, which a plain table's gradient
+    # ignores, do not turn the gradient of `b` into NaN.
+    a_params = dict(params, slice_sizes=(params["slice_sizes"][0], a.shape[1]), fill_value=0)
     a_rows = lax.gather_p.bind(a, indices, **a_params)
     a_rows = a_rows * scaling.astype(a.dtype)
     # `a_rows` holds `rank` where `out` holds the embedding dimension.

@@ -73,7 +73,11 @@ def trainable_mask(
     """
     check_choice(train_bias, "train_bias", ("none", "lora_only", "all"))
     if trainable is not None:
-        if isinstance(trainable, str) or not all(isinstance(t, str) for t in trainable):
+        if (
+            isinstance(trainable, str)
+            or not isinstance(trainable, (list, tuple))
+            or not all(isinstance(t, str) for t in trainable)
+        ):
             raise TypeError(
                 f"`trainable` must be a list of module names, got {trainable!r}."
             )

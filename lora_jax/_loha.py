@@ -15,6 +15,7 @@ from ._dropout import module_keep, unit_mask
 from ._rules import Dims, lowrank_product, plain_product, product_sharding, result_order
 from ._validate import (
     check_dtype,
+    check_flags,
     check_key,
     check_probability,
     check_rank,
@@ -113,6 +114,7 @@ class LohaArray(AbstractAdapter):
             raise TypeError(
                 f"`use_effective_conv2d` must be a bool, got {use_effective_conv2d!r}."
             )
+        check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_probability(rank_dropout, "rank_dropout")
         check_probability(module_dropout, "module_dropout")
         dtype = check_dtype(dtype, weight.dtype)
@@ -176,7 +178,10 @@ class LohaArray(AbstractAdapter):
         else:
             f = (t(self.w1a), t(self.w1b), t(self.w2a), t(self.w2b))
         w = quax.quaxify(t)(self._w)
-        new = eqx.tree_at(lambda v: (v._w, v.w1a, v.w1b, v.w2a, v.w2b), self, (w, *f))
+        s = lax.transpose(self.scaling, permutation[:-2])
+        new = eqx.tree_at(
+            lambda v: (v._w, v.w1a, v.w1b, v.w2a, v.w2b, v.scaling), self, (w, *f, s)
+        )
         # A static field: set on the fresh copy `tree_at` made.
         object.__setattr__(new, "transposed", self.transposed != swap)
         return new

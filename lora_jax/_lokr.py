@@ -163,6 +163,8 @@ class LokrArray(AbstractAdapter):
             ("decompose_both", decompose_both),
             ("rank_dropout_scale", rank_dropout_scale),
             ("use_effective_conv2d", use_effective_conv2d),
+            ("allow_materialise", allow_materialise),
+            ("stop_gradient", stop_gradient),
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}.")

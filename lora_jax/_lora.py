@@ -14,7 +14,9 @@ from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._dropout import dropout as apply_dropout
 from ._rules import Dims, lowrank_product, plain_product, product_sharding, result_order
 from ._validate import (
+    check_bool,
     check_dtype,
+    check_flags,
     check_key,
     check_probability,
     check_rank,
@@ -29,6 +31,7 @@ Init = Literal["quax", "peft", "gaussian"]
 def lora_scaling(rank: int, alpha: float | None, rslora: bool) -> float:
     """`1` when `alpha` is `None` (quax's convention), `alpha / rank` (PEFT's), or
     `alpha / sqrt(rank)` with `rslora` (rank-stabilised LoRA)."""
+    check_bool(rslora, "rslora")
     if alpha is None:
         if rslora:
             raise ValueError("`rslora=True` needs `alpha`: the scaling is alpha/sqrt(rank).")
@@ -128,6 +131,7 @@ class LoraArray(AbstractAdapter):
         check_weight(weight, "weight")
         check_rank(rank)
         check_key(key)
+        check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_scalar(scale, "scale")
         check_probability(dropout, "dropout")
         if alpha is not None:
@@ -174,7 +178,9 @@ class LoraArray(AbstractAdapter):
         t = lambda x: lax.transpose(x, permutation)
         a, b = (t(self.b), t(self.a)) if swap else (t(self.a), t(self.b))
         w = quax.quaxify(t)(self._w)
-        return eqx.tree_at(lambda v: (v._w, v.a, v.b), self, (w, a, b))
+        # One scaling per stacked matrix: it follows the stacking dimensions.
+        s = lax.transpose(self.scaling, permutation[:-2])
+        return eqx.tree_at(lambda v: (v._w, v.a, v.b, v.scaling), self, (w, a, b, s))
 
 
 def _delta(a, b, scaling):

@@ -5,9 +5,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import inspect
+import re
+
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._base import is_adapter
@@ -29,7 +35,14 @@ from ._targets import (
     pattern_key_matches,
     path_name,
 )
-from ._validate import check_choice, check_key, check_rank, check_scalar
+from ._validate import (
+    check_bool,
+    check_choice,
+    check_key,
+    check_names,
+    check_rank,
+    check_scalar,
+)
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,38 @@ def _linear_only(method: str, name: str, layer) -> None:
             "layers take `method='lora'`. Leave them out of `where` or adapt them in a "
             "second `loraify` call with `method='lora'`."
         )
+
+
+def _option_names(method: str, layer) -> set[str] | None:
+    """The keyword options a built-in method's constructor takes for `layer` (beyond
+    those `loraify` passes itself), or `None` for a method registered elsewhere."""
+    if method == "lora":
+        if isinstance(layer, (eqx.nn.Conv, eqx.nn.ConvTranspose)):
+            cls = LoraConvArray
+        elif isinstance(layer, eqx.nn.Embedding):
+            cls = LoraEmbeddingArray
+        else:
+            cls = LoraArray
+    else:
+        cls = {"dora": DoraArray, "lokr": LokrArray, "loha": LohaArray}.get(method)
+        if cls is None:
+            return None
+    names = set(inspect.signature(cls.__init__).parameters)
+    names -= {"self", "weight", "rank", "alpha", "key"}
+    return names | ({"conv_form"} if method == "lora" else set())
+
+
+def _check_options(method: str, name: str, layer, options: dict) -> None:
+    valid = _option_names(method, layer)
+    if valid is None:
+        return
+    for option in options:
+        if option not in valid:
+            raise TypeError(
+                f"`{option}` is not an option of `method={method!r}` for "
+                f"{type(layer).__name__} layers ({name!r} is one); its options are "
+                f"{', '.join(sorted(valid))}."
+            )
 
 
 def _build_dora(weight, *, rank, alpha, key, layer, options):
@@ -175,6 +220,22 @@ def find_targets(
         if _is_candidate(node)
     ]
     names = [n for n, _ in candidates]
+    if not candidates:
+        raise ValueError(
+            "`model` has no layer that can be adapted (an eqx.nn.Linear, Conv, "
+            f"ConvTranspose or Embedding, anywhere in it); got a {type(model).__name__}."
+        )
+    if layers_to_transform is not None:
+        layers_to_transform = _check_indices(layers_to_transform)
+    if layers_pattern is not None:
+        if layers_to_transform is None:
+            raise ValueError(
+                "`layers_pattern` says where `layers_to_transform` reads the layer index; "
+                "give `layers_to_transform` too."
+            )
+        if isinstance(layers_pattern, str):
+            layers_pattern = [layers_pattern]
+        layers_pattern = check_names(layers_pattern, "layers_pattern")
     if where is None:
         match = lambda name, node: LAYERS[type(node)].default
         patterns = None
@@ -198,12 +259,6 @@ def find_targets(
         ex_match, _ = make_matcher(exclude, "exclude")
     else:
         ex_match = lambda name, node: False
-    if layers_to_transform is not None:
-        if isinstance(layers_to_transform, int):
-            layers_to_transform = [layers_to_transform]
-        layers_to_transform = set(int(i) for i in layers_to_transform)
-        if isinstance(layers_pattern, str):
-            layers_pattern = [layers_pattern]
     out = []
     for name, node in candidates:
         if not match(name, node) or ex_match(name, node):
@@ -212,6 +267,14 @@ def find_targets(
             if layer_index(name, layers_pattern) not in layers_to_transform:
                 continue
         out.append((name, node))
+    if layers_to_transform is not None and not any(
+        layer_index(n, layers_pattern) in layers_to_transform for n in names
+    ):
+        found = sorted({i for n in names if (i := layer_index(n, layers_pattern)) is not None})
+        raise ValueError(
+            f"`layers_to_transform={sorted(layers_to_transform)}` matches no layer index; "
+            f"the indices in the model are {found}."
+        )
     if where is not None and not out:
         raise ValueError(
             f"`where={describe_where(where)}` (with `exclude` and "
@@ -219,6 +282,23 @@ def find_targets(
             f"{_preview(names)}."
         )
     return out
+
+
+def _check_indices(layers_to_transform) -> set[int]:
+    items = layers_to_transform
+    if isinstance(items, (int, np.integer)):
+        items = [items]
+    if isinstance(items, str) or not isinstance(items, (list, tuple, range)):
+        raise TypeError(
+            "`layers_to_transform` must be a layer index or a list of them, got "
+            f"{layers_to_transform!r}."
+        )
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(
+                f"`layers_to_transform` must hold integer layer indices; got {i!r}."
+            )
+    return {int(i) for i in items}
 
 
 def _preview(names: list[str]) -> str:
@@ -322,6 +402,16 @@ def loraify(
     for argname, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if patterns is not None and not isinstance(patterns, dict):
             raise TypeError(f"`{argname}` must be a dict {{pattern: value}}, got {type(patterns).__name__}.")
+    for argname, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for k in patterns or {}:
+            if not isinstance(k, str):
+                raise TypeError(f"`{argname}` keys must be regex strings, got {k!r}.")
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ValueError(
+                    f"`{argname}` key {k!r} is not a valid regular expression: {e}"
+                ) from None
     for k, v in (rank_pattern or {}).items():
         check_rank(v, f"rank_pattern[{k!r}]")
     for k, v in (alpha_pattern or {}).items():
@@ -364,6 +454,8 @@ def loraify(
     if method != "lora":
         for name, layer in fresh:
             _linear_only(method, name, layer)
+    for name, layer in fresh:
+        _check_options(method, name, layer, method_options)
     build = METHODS[method]
     replacements = {}
     for name, layer in fresh:
@@ -385,13 +477,18 @@ def loraify(
     return jtu.tree_map_with_path(swap, model, is_leaf=_is_candidate)
 
 
-def materialise(model: PyTree) -> PyTree:
+def materialise(model: PyTree, *, safe_merge: bool = False) -> PyTree:
     """Merges every adapter into a plain array, `w + Δ` in the base weight's dtype
     (a quantised `w` is dequantised first), and dequantises every bare quantised weight.
 
     **Arguments:**
 
     - `model`: a PyTree holding adapters (anywhere: layers, or bare values).
+    - `safe_merge`: check that every merged weight is finite, as PEFT's
+        `merge(safe_merge=True)` does: one jitted reduction over all the merged weights,
+        and a `ValueError` naming the first adapter whose merged weight holds a NaN or
+        an infinity (nothing is returned then). Needs concrete arrays: outside
+        `jax.jit`.
 
     **Returns:**
 
@@ -407,18 +504,68 @@ def materialise(model: PyTree) -> PyTree:
 
         linear = eqx.nn.Linear(4, 3, key=jr.key(0))
         adapted = lora.loraify(linear, rank=2, key=jr.key(1))
-        merged = lora.materialise(adapted)
+        merged = lora.materialise(adapted, safe_merge=True)
         assert type(merged.weight) is type(linear.weight)
         ```
     """
+    check_bool(safe_merge, "safe_merge")
+    is_leaf = lambda x: is_adapter(x) or is_quantised(x)
+    flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=is_leaf)
+    for path, x in flat:
+        if is_adapter(x):
+            _check_whole(x, path_name(path), "model")
 
     def merge(x):
         if is_adapter(x):
             return x.merge()
         return x.dequantise() if is_quantised(x) else x
 
-    is_leaf = lambda x: is_adapter(x) or is_quantised(x)
-    return jtu.tree_map(merge, model, is_leaf=is_leaf)
+    leaves = [merge(x) for _, x in flat]
+    if safe_merge:
+        merged = {
+            path_name(path): leaf
+            for (path, x), leaf in zip(flat, leaves)
+            if is_adapter(x)
+        }
+        _check_finite(merged)
+    return jtu.tree_unflatten(treedef, leaves)
+
+
+@jax.jit
+def _all_finite(weights: dict) -> dict:
+    return {name: jnp.all(jnp.isfinite(w)) for name, w in weights.items()}
+
+
+def _check_finite(merged: dict) -> None:
+    if any(isinstance(w, jax.core.Tracer) for w in merged.values()):
+        raise TypeError(
+            "`safe_merge=True` checks the merged values, so `materialise` must run "
+            "outside `jax.jit` (on concrete arrays)."
+        )
+    finite = jax.device_get(_all_finite(merged))
+    for name in merged:
+        if not finite[name]:
+            raise ValueError(
+                f"The merged weight of {name!r} is not finite (it holds NaN or "
+                "infinity): `materialise(..., safe_merge=True)` refuses to merge it. "
+                "Check the adapter's factors and scaling."
+            )
+
+
+def _check_whole(x, name: str, argname: str) -> None:
+    """An adapter taken apart by `lora_jax.partition` cannot be merged."""
+    if x._w is None:
+        raise ValueError(
+            f"`{argname}` holds an adapter without its base weight at {name!r}: the "
+            "trainable half of `lora_jax.partition` (or the adapters of "
+            "`lora_jax.unloraify`). Recombine it first: `eqx.combine(params, frozen)`."
+        )
+    if all(getattr(x, f, None) is None for f in type(x).trainable_fields):
+        raise ValueError(
+            f"`{argname}` holds an adapter without its factors at {name!r}: the frozen "
+            "half of `lora_jax.partition`. Recombine it first: "
+            "`eqx.combine(params, frozen)`."
+        )
 
 
 def unloraify(model: PyTree) -> tuple[PyTree, PyTree]:
@@ -448,6 +595,9 @@ def unloraify(model: PyTree) -> tuple[PyTree, PyTree]:
         assert adapters.bias is None and adapters.weight.a.shape == (3, 2)
         ```
     """
+    for path, x in jtu.tree_flatten_with_path(model, is_leaf=is_adapter)[0]:
+        if is_adapter(x):
+            _check_whole(x, path_name(path), "model")
     base = jtu.tree_map(lambda x: x._w if is_adapter(x) else x, model, is_leaf=is_adapter)
     adapters = jtu.tree_map(
         lambda x: eqx.tree_at(lambda v: v._w, x, None) if is_adapter(x) else None,

@@ -20,6 +20,7 @@ from ._base import AbstractAdapter, is_adapter
 from ._lora import LoraArray, _lora_dot
 from ._rules import Dims
 from ._targets import path_name
+from ._validate import check_rank, check_scalar
 
 
 class MultiLoraArray(AbstractAdapter):
@@ -312,7 +313,9 @@ def set_adapter(
     elif isinstance(which, Mapping):
         weights = jnp.zeros(n, jnp.float32)
         for name, w in which.items():
-            weights = weights.at[_index(names, name, "which")].set(jnp.asarray(w, jnp.float32))
+            i = _index(names, name, "which")
+            w = check_scalar(w, f"which[{name!r}]")
+            weights = weights.at[i].set(jnp.asarray(w, jnp.float32))
     elif isinstance(which, (int, np.integer, jax.Array, np.ndarray)) and not isinstance(which, bool):
         idx = jnp.asarray(which)
         if idx.shape != () or not jnp.issubdtype(idx.dtype, jnp.integer):
@@ -472,12 +475,15 @@ def combine_adapters(
     names = adapter_names(model)
     if not isinstance(weights, Mapping) or not weights:
         raise TypeError("`weights` must be a non-empty dict {name: weight}.")
-    for name in weights:
+    for name, w in weights.items():
         _index(names, name, "weights")
+        check_scalar(w, f"weights[{name!r}]")
     if how not in ("cat", "svd"):
         raise ValueError(f"`how` must be 'cat' or 'svd', got {how!r}.")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise ValueError(f"`rank` must be a positive integer, got {rank!r}.")
+    if rank is not None:
+        check_rank(rank)
+        if how != "svd":
+            raise ValueError("`rank` applies to `how='svd'`; `how='cat'` keeps every rank.")
 
     def combine(leaf):
         if not _is_multi(leaf):

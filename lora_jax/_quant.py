@@ -427,9 +427,15 @@ def _(lhs: AbstractAdapter, rhs: AbstractQuantArray, *, dimension_numbers, **par
 
 @quax.register(lax.convert_element_type_p)
 def _(operand: AbstractQuantArray, *, new_dtype, **params):
-    if jnp.issubdtype(new_dtype, jnp.floating):
-        # The codes stay; only the dtype the weight dequantises to changes.
-        return dataclasses.replace(operand, base_dtype=jnp.dtype(new_dtype))
+    new_dtype = jnp.dtype(new_dtype)
+    if new_dtype == operand.base_dtype:
+        return operand
+    if jnp.issubdtype(new_dtype, jnp.floating) and jnp.finfo(operand.base_dtype).bits >= 32:
+        # Dequantising computes in float32, so with a float32 (or wider) base nothing
+        # was rounded yet: the codes stay, and only the dtype they dequantise to changes.
+        return dataclasses.replace(operand, base_dtype=new_dtype)
+    # From a narrower base the value is the rounded one: round, then convert (widening
+    # must not recover digits the weight's own dtype does not have).
     return lax.convert_element_type(operand.dequantise(), new_dtype)
 
 

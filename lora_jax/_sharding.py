@@ -39,13 +39,18 @@ def _entries(spec, ndim: int) -> tuple:
     return parts + (None,) * (ndim - len(parts))
 
 
+def _is_array(x) -> bool:
+    """A concrete array or an abstract one (from `eqx.filter_eval_shape`)."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
 def _adapter_specs(adapter: AbstractAdapter, w_spec: tuple) -> AbstractAdapter:
     """The adapter with every array leaf replaced by its `PartitionSpec`: `_w` gets
     `w_spec`, the factors what `factor_specs` says, everything else replicated."""
     factors = adapter.factor_specs(w_spec)
 
     def leaf_spec(path, leaf):
-        if not eqx.is_array(leaf):
+        if not _is_array(leaf):
             return None
         field = path[0].name if isinstance(path[0], jtu.GetAttrKey) else None
         if field == "_w" and len(path) == 1:
@@ -165,6 +170,12 @@ def _(operand: AbstractAdapter, *, sharding, **params):
 
 def _axis_size(mesh: Mesh, axis) -> int:
     names = (axis,) if isinstance(axis, str) else tuple(axis)
+    for n in names:
+        if n not in mesh.shape:
+            raise ValueError(
+                f"A rule's `axis` {n!r} is not an axis of `mesh`, whose axes are "
+                f"{tuple(mesh.axis_names)}."
+            )
     return math.prod(mesh.shape[n] for n in names)
 
 
@@ -230,8 +241,10 @@ def fsdp(axis: str | Sequence[str] = "fsdp", *, min_size: int = 1024) -> Rule:
         ```
     """
     axis = _check_axis(axis, "axis")
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+    if isinstance(min_size, bool) or not isinstance(min_size, int):
         raise TypeError(f"`min_size` must be a non-negative integer, got {min_size!r}.")
+    if min_size < 0:
+        raise ValueError(f"`min_size` must be a non-negative integer, got {min_size}.")
 
     def rule(name, shape, spec, mesh):
         del name
@@ -350,7 +363,14 @@ def _check_mesh(mesh):
 def _apply(rules, name, shape, mesh) -> tuple:
     spec = (None,) * len(shape)
     for rule in rules:
-        spec = tuple(rule(name, tuple(shape), spec, mesh))
+        out = rule(name, tuple(shape), spec, mesh)
+        if not isinstance(out, (tuple, list)) or len(out) != len(shape):
+            raise TypeError(
+                f"`rules`: {rule!r} returned {out!r} for {name!r} of shape "
+                f"{tuple(shape)}; a rule returns one PartitionSpec entry per dimension "
+                f"({len(shape)} here)."
+            )
+        spec = tuple(out)
     return spec
 
 
@@ -398,12 +418,10 @@ def partition_specs(
         name = path_name(path)
         if is_adapter(x):
             w = x._w
-            if not eqx.is_array(w):
-                return jtu.tree_map(
-                    lambda y: PartitionSpec() if eqx.is_array(y) else None, x
-                )
+            if not _is_array(w):
+                return jtu.tree_map(lambda y: PartitionSpec() if _is_array(y) else None, x)
             return _adapter_specs(x, _apply(rules, name, w.shape, mesh))
-        if eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct):
+        if _is_array(x):
             return PartitionSpec(*_apply(rules, name, x.shape, mesh))
         return None
 

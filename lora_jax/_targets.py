@@ -1,5 +1,6 @@
 """Dotted module names from PyTree paths, and PEFT's rules for matching them."""
 
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,6 +68,15 @@ def make_matcher(where: Where, argname: str):
     if where is None:
         return (lambda name, node: True), None
     if callable(where):
+        try:
+            inspect.signature(where).bind("name", None)
+        except TypeError:
+            raise TypeError(
+                f"`{argname}` as a callable must take two arguments `(name, layer)` and "
+                f"return a bool; {where!r} does not take them."
+            ) from None
+        except ValueError:  # no signature to read (a builtin): trust it
+            pass
         return where, None
     if isinstance(where, str):
         if where == "all-linear":

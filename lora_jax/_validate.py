@@ -61,8 +61,7 @@ def check_weight(weight, name: str = "weight"):
         )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"`{name}` must have a floating dtype, got {dtype}.")
-    if 0 in shape:
-        raise ValueError(f"`{name}` must not be empty, got shape {tuple(shape)}.")
+    check_not_empty(shape, name)
 
 
 def check_dtype(dtype, default):
@@ -75,6 +74,33 @@ def check_dtype(dtype, default):
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"`dtype` must be a floating dtype, got {dtype}.")
     return dtype
+
+
+def check_bool(value, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def check_flags(**flags) -> None:
+    """`check_bool` for each keyword: `check_flags(stop_gradient=..., ...)`."""
+    for name, value in flags.items():
+        check_bool(value, name)
+
+
+def check_not_empty(shape, name: str = "weight") -> None:
+    if 0 in tuple(shape):
+        raise ValueError(f"`{name}` must not be empty, got shape {tuple(shape)}.")
+
+
+def check_names(value, name: str) -> list[str]:
+    """A list of strings (not one string)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"`{name}` must be a list of strings, got {value!r}.")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"`{name}` must be a list of strings; got an entry {item!r}.")
+    return list(value)
 
 
 def check_choice(value, name: str, choices) -> str:

@@ -22,3 +22,72 @@ def getkey():
         return jr.fold_in(jr.key(0), next(counter))
 
     return _getkey
+
+
+# ---------------------------------------------------------------------------------------
+# Property-case counting (tests/test_properties.py): how many checked value draws ran.
+# ---------------------------------------------------------------------------------------
+
+
+class CaseCounter:
+    """Cases checked by the property tests, by test name; `total` over all."""
+
+    def __init__(self):
+        self.by_test: dict[str, int] = {}
+
+    def add(self, test: str, n: int) -> None:
+        self.by_test[test] = self.by_test.get(test, 0) + n
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_test.values())
+
+
+_CASES = pytest.StashKey[CaseCounter]()
+
+
+def pytest_configure(config):
+    config.stash[_CASES] = CaseCounter()
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistCases(config.stash[_CASES]))
+
+
+class _XdistCases:
+    """Workers send their counts to the controller, which adds them up."""
+
+    def __init__(self, counter: CaseCounter):
+        self.counter = counter
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session):
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            workeroutput["property_cases"] = dict(self.counter.by_test)
+
+    def pytest_testnodedown(self, node, error):
+        for test, n in getattr(node, "workeroutput", {}).get("property_cases", {}).items():
+            self.counter.add(test, n)
+
+
+@pytest.fixture(scope="session")
+def property_cases(request) -> CaseCounter:
+    """The session's counter of property cases (see tests/test_properties.py)."""
+    return request.config.stash[_CASES]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call" and report.failed:
+        item._failed = True  # read by fixtures' teardown
+    return report
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if hasattr(config, "workeroutput"):
+        return
+    counter = config.stash.get(_CASES, None)
+    if counter is None or not counter.by_test:
+        return
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(counter.by_test.items()))
+    terminalreporter.write_line(f"property cases run: {counter.total} ({parts})")

@@ -17,8 +17,11 @@ from .helpers import dense_lora, randomise_factors
 
 
 @st.composite
-def dot_problems(draw):
-    n_lead = draw(st.integers(0, 2))
+def dot_problems(draw, max_lead: int = 2):
+    """A `dot_general` with a `(*lead, out, in)` adapter (`max_lead` stacking dimensions
+    at most): the adapter's sizes, the other operand's shape, the dimension numbers seen
+    from the adapter's side, a rank, which side the adapter is on, and a seed."""
+    n_lead = draw(st.integers(0, max_lead))
     sizes = [draw(st.integers(1, 4)) for _ in range(n_lead + 2)]
     n = len(sizes)
     roles = [draw(st.sampled_from("cbf")) for _ in range(n)]

@@ -105,6 +105,31 @@ def test_int8_keeps_dtype(getkey):
     )
 
 
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+@pytest.mark.parametrize(
+    "base,new",
+    [
+        (jnp.bfloat16, jnp.float32),
+        (jnp.float16, jnp.bfloat16),
+        (jnp.float32, jnp.bfloat16),
+        (jnp.bfloat16, jnp.bfloat16),
+    ],
+)
+def test_astype_is_the_rounded_weight(method, base, new, getkey):
+    """Casting a quantised weight gives its value (dequantised in its own dtype) cast:
+    widening a bfloat16 weight must not bring back digits it does not have."""
+    w = jr.normal(getkey(), (4, 8), jnp.float32).astype(base)
+    q = (
+        lora.Int8Array.from_array(w)
+        if method == "int8"
+        else lora.NF4Array.from_array(w, block_size=4)
+    )
+    got = quax.quaxify(lambda q: q.astype(new) * 1)(q)
+    assert got.dtype == new
+    want = q.dequantise().astype(new)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("shape,block", [((4, 32), 64), ((2, 8, 16), 32), ((6, 10), 4)])
 def test_nf4_against_reference(shape, block, getkey):
     w = jr.normal(getkey(), shape)

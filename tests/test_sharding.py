@@ -133,6 +133,19 @@ def test_shard_model_specs(kind, getkey):
     assert tree_allclose(jax.device_get(sharded), jax.device_get(block), rtol=0, atol=0)
 
 
+def test_partition_specs_of_abstract_model(getkey):
+    """An abstract model (eval_shape: nothing allocated) gets the concrete one's specs,
+    so a large model can be created straight into its shards."""
+    mesh = make_mesh("auto")
+    block = make_block(getkey)
+    abstract = eqx.filter_eval_shape(lambda: block)
+    is_spec = lambda s: isinstance(s, P)  # noqa: E731
+    want = lora.partition_specs(block, mesh, RULES)
+    got = lora.partition_specs(abstract, mesh, RULES)
+    assert jax.tree.leaves(got, is_leaf=is_spec) == jax.tree.leaves(want, is_leaf=is_spec)
+    assert got.up.weight.a == P("tensor", None)
+
+
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
 def test_forward_grad_match_single_device(kind, getkey):
     block = make_block(getkey)
