@@ -9,6 +9,7 @@ factors so that the result comes out in exactly the layout `dot_general` promise
 no transposes beyond those the plain model has.
 """
 
+import functools
 import string
 from typing import Any, NamedTuple
 
@@ -320,21 +321,40 @@ def _einsum_product(a, b, other, dims: Dims, precision, out_sharding=None):
 # ---------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("dims", "params"))
+def _cached_dot(adapter, other, *, dims: Dims, params: tuple):
+    return adapter.dot_general(other, dims, dict(params))
+
+
+def _adapted_dot(adapter: AbstractAdapter, other, dims: Dims, params: dict):
+    """`adapter.dot_general(other, dims, params)` under a `jax.jit` keyed on the
+    shapes and static fields: quax inlines the rule at every layer it meets, so a deep
+    model of identical layers would trace it once per layer; this way the rule is
+    traced once per distinct layer and later layers reuse its jaxpr (and the caches of
+    its JVP, partial evaluation and lowering). XLA inlines the call."""
+    frozen = tuple(sorted(params.items()))
+    try:
+        hash(frozen)
+    except TypeError:  # a parameter a future JAX makes unhashable: trace in place
+        return adapter.dot_general(other, dims, params)
+    return _cached_dot(adapter, other, dims=dims, params=frozen)
+
+
 @quax.register(lax.dot_general_p)
 def _(lhs: AbstractAdapter, rhs: ArrayLike | quax.ArrayValue, *, dimension_numbers, **params):
-    return lhs.dot_general(rhs, split_dims(dimension_numbers, True), params)
+    return _adapted_dot(lhs, rhs, split_dims(dimension_numbers, True), params)
 
 
 @quax.register(lax.dot_general_p)
 def _(lhs: ArrayLike | quax.ArrayValue, rhs: AbstractAdapter, *, dimension_numbers, **params):
-    return rhs.dot_general(lhs, split_dims(dimension_numbers, False), params)
+    return _adapted_dot(rhs, lhs, split_dims(dimension_numbers, False), params)
 
 
 @quax.register(lax.dot_general_p)
 def _(lhs: AbstractAdapter, rhs: AbstractAdapter, *, dimension_numbers, **params):
     # The right-hand adapter is met again, as an ordinary operand, inside the left's
     # rule: every product stays factored.
-    return lhs.dot_general(rhs, split_dims(dimension_numbers, True), params)
+    return _adapted_dot(lhs, rhs, split_dims(dimension_numbers, True), params)
 
 
 @quax.register(lax.transpose_p)

@@ -301,3 +301,32 @@ def test_materialise_round_trip(getkey):
     assert base.layers[0].weight is adapted.layers[0].weight._w
     assert adapters.layers[0].weight._w is None
     assert adapters.layers[0].bias is None
+
+
+def test_rule_traced_once_for_identical_layers(getkey, monkeypatch):
+    """The dot_general rule runs under a cached jit: a stack of identical layers
+    traces it once (quax would otherwise inline it afresh at every layer), and the
+    result is the dense model's."""
+    calls = []
+    rule = lora.LoraArray.dot_general
+
+    def counted(self, *args):
+        calls.append(1)
+        return rule(self, *args)
+
+    monkeypatch.setattr(lora.LoraArray, "dot_general", counted)
+    jax.clear_caches()
+    layers = [eqx.nn.Linear(7, 7, key=k) for k in jr.split(getkey(), 5)]
+    adapted = randomise_model(lora.loraify(layers, rank=3, key=getkey()), getkey())
+
+    def run(layers, x):
+        for layer in layers:
+            x = jnp.tanh(layer(x))
+        return x
+
+    x = jr.normal(getkey(), (7,))
+    out = jax.jit(quax.quaxify(run))(adapted, x)
+    assert len(calls) == 1
+    np.testing.assert_allclose(
+        out, run(lora.materialise(adapted), x), rtol=1e-5, atol=1e-5
+    )
