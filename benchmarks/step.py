@@ -11,7 +11,7 @@ process; the table gives the median of each, its ratio to the floor and its memo
     python benchmarks/step.py --preset gpu --out step_gpu.md
     python benchmarks/step.py --only lora,peft          # some rows (floors always run)
 
-Rows (`--only` names): floor, lora, dora, lokr, loha, quax, full, torch-floor,
+Rows (`--only` names): floor, lora, dora, lokr, loha, lora-remat, quax, full, torch-floor,
 torch-floor-compile, peft, peft-compile. The torch rows need `torch` and `peft`; they
 are skipped with a note when either does not import.
 """
@@ -64,6 +64,7 @@ ROWS = (
     "dora",
     "lokr",
     "loha",
+    "lora-remat",
     "quax",
     "full",
     "torch-floor",
@@ -96,11 +97,20 @@ class Block(eqx.Module):
 
 class Net(eqx.Module):
     blocks: list
+    remat: bool = eqx.field(static=True, default=False)
 
     def __call__(self, x):
         for b in self.blocks:
-            x = b(x)
+            # Under remat: keep the adapted products, recompute the gelu.
+            x = _remat_call(b, x) if self.remat else b(x)
         return x
+
+
+def _call(block, x):
+    return block(x)
+
+
+_remat_call = eqx.filter_checkpoint(_call, policy=lora.remat_policy)
 
 
 def loss_fn(model, x):
@@ -437,6 +447,21 @@ def main(preset, rounds, only):
                 lora.partition,
             ),
         )
+    add(
+        "lora-remat",
+        f"lora_jax lora (rank {r}), blocks under lora.remat_policy",
+        lambda: jax_adapter_step(
+            lora.loraify(
+                Net(model.blocks, remat=True),
+                rank=r,
+                alpha=2.0 * r,
+                key=keys[-2],
+            ),
+            x,
+            opt,
+            lora.partition,
+        ),
+    )
     add(
         "quax",
         f"quax.examples.lora (rank {r})",

@@ -34,6 +34,7 @@ from ._quant import (
     quantise as quantise,
 )
 from ._peft import load_peft as load_peft, save_peft as save_peft
+from ._remat import remat_policy as remat_policy
 from ._sharding import (
     fsdp as fsdp,
     partition_specs as partition_specs,

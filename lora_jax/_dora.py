@@ -6,12 +6,14 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import quax
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._broadcast import along_output
 from ._dropout import dropout as apply_dropout
 from ._lora import init_factors, Init, lora_scaling
+from ._remat import OUTPUT_NAME
 from ._rules import Dims, join_dims, lowrank_product, result_order
 from ._validate import (
     check_dtype,
@@ -234,7 +236,9 @@ def _dora_product(w, a, b, m, scaling, axis, other, dims: Dims, params, key, rat
         g_out = g_out.astype(out.dtype)
         delta = lowrank_product(a, b, dropped, dims, precision).astype(out.dtype)
         if dropped is other:
-            return (out + delta) * g_out
+            # Named so that `remat_policy` keeps it: the magnitudes' gradient needs it,
+            # and recomputing it would redo the full product.
+            return checkpoint_name(out + delta, OUTPUT_NAME) * g_out
         # PEFT's training form: w·x + (g - 1)·w·x̃ + g·s·a·(b·x̃).
         return out + (g_out - 1) * dot(w, dropped) + g_out * delta
     # Fallback, for products that contract the output units or a stacking dimension

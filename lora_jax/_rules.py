@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import quax
 from jax._src.ad_checkpoint import remat_p
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import ArrayLike
 
 from ._base import AbstractAdapter
+from ._remat import OUTPUT_NAME, THIN_NAME
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,6 +200,7 @@ def lowrank_product(a, b, other, dims: Dims, precision, out_sharding=None):
         t = _dot(first, other, dn1, precision, out_sharding=t_sharding)
     else:
         t = _dot(other, first, dn1, precision, out_sharding=t_sharding)
+    t = checkpoint_name(t, THIN_NAME)  # kept by `remat_policy`: rank-sized
 
     # Step two: contract `second`'s rank with `t`'s; every leading dimension of the
     # factors is a batch dimension of this product.
@@ -336,8 +339,11 @@ def _adapted_dot(adapter: AbstractAdapter, other, dims: Dims, params: dict):
     try:
         hash(frozen)
     except TypeError:  # a parameter a future JAX makes unhashable: trace in place
-        return adapter.dot_general(other, dims, params)
-    return _cached_dot(adapter, other, dims=dims, params=frozen)
+        out = adapter.dot_general(other, dims, params)
+    else:
+        out = _cached_dot(adapter, other, dims=dims, params=frozen)
+    # What `remat_policy` keeps (the product as a whole, whatever the method).
+    return jax.tree.map(lambda o: checkpoint_name(o, OUTPUT_NAME), out)
 
 
 @quax.register(lax.dot_general_p)

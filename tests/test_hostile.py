@@ -313,6 +313,7 @@ EXEMPT = {
     "is_adapter": "a predicate: every input is valid (tested below)",
     "MultiLoraArray": "built by stack_adapters, whose inputs are checked",
     "Summary": "a result type, built by summary",
+    "remat_policy": "a jax.checkpoint policy: JAX calls it with its own primitives",
 }
 
 
