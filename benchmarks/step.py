@@ -11,7 +11,7 @@ process; the table gives the median of each, its ratio to the floor and its memo
     python benchmarks/step.py --preset gpu --out step_gpu.md
     python benchmarks/step.py --only lora,peft          # some rows (floors always run)
 
-Rows (`--only` names): floor, lora, dora, lokr, loha, lora-remat, quax, full, torch-floor,
+Rows (`--only` names): floor, lora, dora, lokr, loha, lokr-default, lora-remat, quax, full, torch-floor,
 torch-floor-compile, peft, peft-compile. The torch rows need `torch` and `peft`; they
 are skipped with a note when either does not import.
 """
@@ -64,6 +64,7 @@ ROWS = (
     "dora",
     "lokr",
     "loha",
+    "lokr-default",
     "lora-remat",
     "quax",
     "full",
@@ -212,14 +213,17 @@ def jax_full_step(model, x, opt):
 
 
 def method_configs(rank):
-    """(rank, options) per lora_jax method, chosen so each trains about LoRA's
-    r·(in+out) parameters per matrix."""
+    """row: (method, rank, options) per lora_jax method, chosen so each trains about
+    LoRA's r·(in+out) parameters per matrix; and LoKr as PEFT configures it by default
+    (its own, much smaller budget)."""
     return {
-        "lora": (rank, {}),  # r·(in+out)
-        "dora": (rank, {}),  # r·(in+out) + out magnitudes
+        "lora": ("lora", rank, {}),  # r·(in+out)
+        "dora": ("dora", rank, {}),  # r·(in+out) + out magnitudes
         # (w1a@w1b) ⊙ (w2a@w2b): two pairs of factors, so half the rank.
-        "loha": (max(1, rank // 2), {}),
-        "lokr": (LOKR_FACTOR * rank, {"decompose_factor": LOKR_FACTOR}),
+        "loha": ("loha", max(1, rank // 2), {}),
+        "lokr": ("lokr", LOKR_FACTOR * rank, {"decompose_factor": LOKR_FACTOR}),
+        # PEFT's defaults: each dimension split near its square root, w2 at rank r.
+        "lokr-default": ("lokr", rank, {}),
     }
 
 
@@ -427,11 +431,13 @@ def main(preset, rounds, only):
 
     r = cfg["rank"]
     add("floor", "JAX floor (fwd + input grad)", lambda: jax_floor(model, x))
-    for method, (rank, options) in method_configs(r).items():
+    for row, (method, rank, options) in method_configs(r).items():
         opts = ", ".join(f"{k}={v}" for k, v in options.items())
+        if row == "lokr-default":
+            opts = "PEFT's default split"
         label = f"lora_jax {method} (rank {rank}{', ' + opts if opts else ''})"
         add(
-            method,
+            row,
             label,
             lambda method=method, rank=rank, options=options: jax_adapter_step(
                 lora.loraify(
@@ -555,8 +561,9 @@ def main(preset, rounds, only):
         f"{max(1, r // 2)} has two factor pairs, so the same count; LoKr with "
         f"decompose_factor={k} (w1 {k}x{k}, w2 of size out/{k} x in/{k} held at "
         f"rank {k * r}) the same plus {k * k}. PEFT's default LoKr split (near "
-        "square roots) could not reach that budget. The column gives the exact "
-        "counts.",
+        "square roots) cannot reach that budget; the lokr-default row is that "
+        "configuration at rank r, with its own (smaller) budget. The column gives "
+        "the exact counts.",
         "- × floor: against the JAX floor (forward + gradient wrt the input of the "
         "plain model). × torch floor: against torch's own floor, eager for eager "
         "rows and torch.compile for compiled rows.",
