@@ -11,7 +11,8 @@ process; the table gives the median of each, its ratio to the floor and its memo
     python benchmarks/step.py --preset gpu --out step_gpu.md
     python benchmarks/step.py --only lora,peft          # some rows (floors always run)
 
-Rows (`--only` names): floor, lora, dora, lokr, loha, lokr-default, lora-remat, quax, full, torch-floor,
+Rows (`--only` names): floor, lora, dora, lokr, loha, lokr-default, qlora-nf4,
+qlora-int8, lora-remat, quax, full, torch-floor,
 torch-floor-compile, peft, peft-compile. The torch rows need `torch` and `peft`; they
 are skipped with a note when either does not import.
 """
@@ -65,6 +66,8 @@ ROWS = (
     "lokr",
     "loha",
     "lokr-default",
+    "qlora-nf4",
+    "qlora-int8",
     "lora-remat",
     "quax",
     "full",
@@ -447,6 +450,22 @@ def main(preset, rounds, only):
                     method=method,
                     key=keys[-2],
                     **options,
+                ),
+                x,
+                opt,
+                lora.partition,
+            ),
+        )
+    for qmethod in ("nf4", "int8"):
+        add(
+            f"qlora-{qmethod}",
+            f"lora_jax lora (rank {r}) on a {qmethod} base (QLoRA)",
+            lambda qmethod=qmethod: jax_adapter_step(
+                lora.loraify(
+                    lora.quantise(model, method=qmethod),
+                    rank=r,
+                    alpha=2.0 * r,
+                    key=keys[-2],
                 ),
                 x,
                 opt,
