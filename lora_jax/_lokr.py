@@ -316,6 +316,8 @@ def _kron_apply(w1, w2, c: int, x, e: int, adapter_lhs: bool, precision):
     s1, s2 = _shape(w1), _shape(w2)
     p1, p2 = s1[c], s2[c]
     q1, q2 = s1[f], s2[f]
+    if not adapter_lhs and e == x.ndim - 1:
+        return _kron_apply_minor(w1, w2, c, x, precision)
     x = x.reshape(x.shape[:e] + (p1, p2) + x.shape[e + 1 :])
     dot = lambda l, r, lc, rc: lax.dot_general(l, r, (((lc,), (rc,)), ((), ())), precision=precision)
 
@@ -346,6 +348,51 @@ def _kron_apply(w1, w2, c: int, x, e: int, adapter_lhs: bool, precision):
     t = right(x, w1, e)
     u = right(t, w2, e)
     return u.reshape(u.shape[:-2] + (q1 * q2,))
+
+
+def _kron_apply_minor(w1, w2, c: int, x, precision):
+    """`_kron_apply` when `x`'s last dimension is contracted and the result is
+    `(*x_free, q1·q2)` (a Linear layer under `vmap`, `x @ w.T`): every product in
+    the canonical layout of a (batched) matrix product, so nothing is transposed.
+
+    Per row `x_r` seen as a `(p1, p2)` matrix, the result is `w1 · x_r · w2ᵀ`: `w2`
+    contracts the minor dimension as one large matrix product, and `w1` the middle one
+    as a product batched over the rows (`w1` broadcast to each: it is small)."""
+    f = 1 - c
+    s1, s2 = _shape(w1), _shape(w2)
+    p1, p2, q1, q2 = s1[c], s2[c], s1[f], s2[f]
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    x = x.reshape(rows, p1, p2)
+
+    def dot(l, r, lc, rc, batch=((), ())):
+        return lax.dot_general(l, r, (((lc,), (rc,)), batch), precision=precision)
+
+    def minor(y, m):
+        """`y`'s last dimension (`p2`) contracted with `m`'s dimension `c`, as matrix
+        products of `y` seen as a matrix (so that `m`'s gradient, which contracts every
+        other dimension, is one matrix product too, without a transpose)."""
+        y2 = y.reshape(-1, y.shape[-1])
+        if not isinstance(m, tuple):
+            out = dot(y2, m, 1, c)
+        else:
+            ma, mb = m  # m = ma @ mb
+            if c == 1:
+                out = dot(dot(y2, mb, 1, 1), ma, 1, 1)
+            else:
+                out = dot(dot(y2, ma, 1, 0), mb, 1, 0)
+        return out.reshape(*y.shape[:-1], out.shape[-1])
+
+    # `w1` as (q1, p1), broadcast over the rows.
+    m1 = _full(w1)
+    m1 = m1 if c == 1 else m1.T
+    m1 = jnp.broadcast_to(m1, (rows, q1, p1))
+    batched = ((0,), (0,))
+    if p1 * q2 <= q1 * p2:  # the smaller intermediate first
+        u = dot(m1, minor(x, w2), 2, 1, batched)  # (rows, q1, q2)
+    else:
+        u = minor(dot(m1, x, 2, 1, batched), w2)  # (rows, q1, p2) -> (rows, q1, q2)
+    return u.reshape(*lead, q1 * q2)
 
 
 def _shape(m) -> tuple[int, int]:
