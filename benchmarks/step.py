@@ -12,7 +12,7 @@ process; the table gives the median of each, its ratio to the floor and its memo
     python benchmarks/step.py --only lora,peft          # some rows (floors always run)
 
 Rows (`--only` names): floor, lora, dora, lokr, loha, lokr-default, qlora-nf4,
-qlora-int8, lora-remat, quax, full, torch-floor,
+qlora-int8, qlora-nf4-remat, lora-remat, quax, full, torch-floor,
 torch-floor-compile, peft, peft-compile. The torch rows need `torch` and `peft`; they
 are skipped with a note when either does not import.
 """
@@ -68,6 +68,7 @@ ROWS = (
     "lokr-default",
     "qlora-nf4",
     "qlora-int8",
+    "qlora-nf4-remat",
     "lora-remat",
     "quax",
     "full",
@@ -456,13 +457,14 @@ def main(preset, rounds, only):
                 lora.partition,
             ),
         )
-    for qmethod in ("nf4", "int8"):
+    for qmethod, remat in (("nf4", False), ("int8", False), ("nf4", True)):
         add(
-            f"qlora-{qmethod}",
-            f"lora_jax lora (rank {r}) on a {qmethod} base (QLoRA)",
-            lambda qmethod=qmethod: jax_adapter_step(
+            f"qlora-{qmethod}" + ("-remat" if remat else ""),
+            f"lora_jax lora (rank {r}) on a {qmethod} base (QLoRA)"
+            + (", blocks under lora.remat_policy" if remat else ""),
+            lambda qmethod=qmethod, remat=remat: jax_adapter_step(
                 lora.loraify(
-                    lora.quantise(model, method=qmethod),
+                    lora.quantise(Net(model.blocks, remat=remat), method=qmethod),
                     rank=r,
                     alpha=2.0 * r,
                     key=keys[-2],
