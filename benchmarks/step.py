@@ -435,6 +435,13 @@ def main(preset, rounds, only):
 
     r = cfg["rank"]
     add("floor", "JAX floor (fwd + input grad)", lambda: jax_floor(model, x))
+    def adapted(base, rank=r, method="lora", **options):
+        """A lora_jax training step on `base` (alpha = 2·rank, as PEFT's rows)."""
+        adapted_model = lora.loraify(
+            base, rank=rank, alpha=2.0 * rank, method=method, key=keys[-2], **options
+        )
+        return jax_adapter_step(adapted_model, x, opt, lora.partition)
+
     for row, (method, rank, options) in method_configs(r).items():
         opts = ", ".join(f"{k}={v}" for k, v in options.items())
         if row == "lokr-default":
@@ -443,51 +450,24 @@ def main(preset, rounds, only):
         add(
             row,
             label,
-            lambda method=method, rank=rank, options=options: jax_adapter_step(
-                lora.loraify(
-                    model,
-                    rank=rank,
-                    alpha=2.0 * rank,
-                    method=method,
-                    key=keys[-2],
-                    **options,
-                ),
-                x,
-                opt,
-                lora.partition,
+            lambda method=method, rank=rank, options=options: adapted(
+                model, rank, method, **options
             ),
         )
+    remat_label = ", blocks under lora.remat_policy"
     for qmethod, remat in (("nf4", False), ("int8", False), ("nf4", True)):
         add(
             f"qlora-{qmethod}" + ("-remat" if remat else ""),
             f"lora_jax lora (rank {r}) on a {qmethod} base (QLoRA)"
-            + (", blocks under lora.remat_policy" if remat else ""),
-            lambda qmethod=qmethod, remat=remat: jax_adapter_step(
-                lora.loraify(
-                    lora.quantise(Net(model.blocks, remat=remat), method=qmethod),
-                    rank=r,
-                    alpha=2.0 * r,
-                    key=keys[-2],
-                ),
-                x,
-                opt,
-                lora.partition,
+            + (remat_label if remat else ""),
+            lambda qmethod=qmethod, remat=remat: adapted(
+                lora.quantise(Net(model.blocks, remat=remat), method=qmethod)
             ),
         )
     add(
         "lora-remat",
-        f"lora_jax lora (rank {r}), blocks under lora.remat_policy",
-        lambda: jax_adapter_step(
-            lora.loraify(
-                Net(model.blocks, remat=True),
-                rank=r,
-                alpha=2.0 * r,
-                key=keys[-2],
-            ),
-            x,
-            opt,
-            lora.partition,
-        ),
+        f"lora_jax lora (rank {r}){remat_label}",
+        lambda: adapted(Net(model.blocks, remat=True)),
     )
     add(
         "quax",
