@@ -388,8 +388,10 @@ def _kron_apply_minor(w1, w2, c: int, x, precision):
     m1 = m1 if c == 1 else m1.T
     m1 = jnp.broadcast_to(m1, (rows, q1, p1))
     batched = ((0,), (0,))
-    if p1 * q2 <= q1 * p2:  # the smaller intermediate first
-        u = dot(m1, minor(x, w2), 2, 1, batched)  # (rows, q1, q2)
+    # Multiply-adds per row of `x`, `w2` first or `w1` first: take the cheaper order.
+    per_row = p2 * q2 if not isinstance(w2, tuple) else w2[0].shape[1] * (p2 + q2)
+    if p1 * per_row + q1 * p1 * q2 <= q1 * p1 * p2 + q1 * per_row:
+        u = dot(m1, minor(x, w2), 2, 1, batched)  # (rows, p1, q2) -> (rows, q1, q2)
     else:
         u = minor(dot(m1, x, 2, 1, batched), w2)  # (rows, q1, p2) -> (rows, q1, q2)
     return u.reshape(*lead, q1 * q2)
