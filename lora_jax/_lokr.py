@@ -328,26 +328,32 @@ def _kron_apply(w1, w2, c: int, x, e: int, adapter_lhs: bool, precision):
         ma, mb = m  # m = ma @ mb
         return dot(ma, dot(mb, y, 1, k), 1, 0) if c == 1 else dot(mb, dot(ma, y, 0, k), 0, 0)
 
-    def right(y, m, k):
-        """`dot(y, m, k, c)`: `(*y without k, m's free)`."""
-        if not isinstance(m, tuple):
-            return dot(y, m, k, c)
-        ma, mb = m
-        if c == 1:
-            t = dot(y, mb, k, 1)
-            return dot(t, ma, t.ndim - 1, 1)
-        t = dot(y, ma, k, 0)
-        return dot(t, mb, t.ndim - 1, 0)
-
     if adapter_lhs:
         # (q2, *x with p2 gone) then (q1, q2, *x_free).
         t = left(w2, x, e + 1)
         u = left(w1, t, 1 + e)
         return u.reshape((q1 * q2,) + u.shape[2:])
     # (*x with p1 gone, q1) then (*x_free, q1, q2).
-    t = right(x, w1, e)
-    u = right(t, w2, e)
+    t = _right(x, w1, e, c, precision)
+    u = _right(t, w2, e, c, precision)
     return u.reshape(u.shape[:-2] + (q1 * q2,))
+
+
+def _right(y, m, k: int, c: int, precision):
+    """`y`'s dimension `k` contracted with the Kronecker factor `m`'s dimension `c`
+    (`m` held in full or as `(m_a, m_b)`): `(*y without k, m's free)`."""
+
+    def dot(l, r, lc, rc):
+        return lax.dot_general(l, r, (((lc,), (rc,)), ((), ())), precision=precision)
+
+    if not isinstance(m, tuple):
+        return dot(y, m, k, c)
+    ma, mb = m
+    if c == 1:
+        t = dot(y, mb, k, 1)
+        return dot(t, ma, t.ndim - 1, 1)
+    t = dot(y, ma, k, 0)
+    return dot(t, mb, t.ndim - 1, 0)
 
 
 def _kron_apply_minor(w1, w2, c: int, x, precision):
@@ -365,35 +371,26 @@ def _kron_apply_minor(w1, w2, c: int, x, precision):
     rows = math.prod(lead)
     x = x.reshape(rows, p1, p2)
 
-    def dot(l, r, lc, rc, batch=((), ())):
-        return lax.dot_general(l, r, (((lc,), (rc,)), batch), precision=precision)
+    def batched_dot(l, r):  # (rows, m, k) · (rows, k, n) -> (rows, m, n)
+        return lax.dot_general(l, r, (((2,), (1,)), ((0,), (0,))), precision=precision)
 
     def minor(y, m):
-        """`y`'s last dimension (`p2`) contracted with `m`'s dimension `c`, as matrix
-        products of `y` seen as a matrix (so that `m`'s gradient, which contracts every
-        other dimension, is one matrix product too, without a transpose)."""
-        y2 = y.reshape(-1, y.shape[-1])
-        if not isinstance(m, tuple):
-            out = dot(y2, m, 1, c)
-        else:
-            ma, mb = m  # m = ma @ mb
-            if c == 1:
-                out = dot(dot(y2, mb, 1, 1), ma, 1, 1)
-            else:
-                out = dot(dot(y2, ma, 1, 0), mb, 1, 0)
+        """`y`'s last dimension (`p2`) contracted with `m`'s dimension `c`, on `y` seen
+        as a matrix (so that `m`'s gradient, which contracts every other dimension, is
+        one matrix product too, without a transpose)."""
+        out = _right(y.reshape(-1, y.shape[-1]), m, 1, c, precision)
         return out.reshape(*y.shape[:-1], out.shape[-1])
 
     # `w1` as (q1, p1), broadcast over the rows.
     m1 = _full(w1)
     m1 = m1 if c == 1 else m1.T
     m1 = jnp.broadcast_to(m1, (rows, q1, p1))
-    batched = ((0,), (0,))
     # Multiply-adds per row of `x`, `w2` first or `w1` first: take the cheaper order.
     per_row = p2 * q2 if not isinstance(w2, tuple) else w2[0].shape[1] * (p2 + q2)
     if p1 * per_row + q1 * p1 * q2 <= q1 * p1 * p2 + q1 * per_row:
-        u = dot(m1, minor(x, w2), 2, 1, batched)  # (rows, p1, q2) -> (rows, q1, q2)
+        u = batched_dot(m1, minor(x, w2))  # (rows, p1, q2) -> (rows, q1, q2)
     else:
-        u = minor(dot(m1, x, 2, 1, batched), w2)  # (rows, q1, p2) -> (rows, q1, q2)
+        u = minor(batched_dot(m1, x), w2)  # (rows, q1, p2) -> (rows, q1, q2)
     return u.reshape(*lead, q1 * q2)
 
 

@@ -343,7 +343,7 @@ def _adapted_dot(adapter: AbstractAdapter, other, dims: Dims, params: dict):
     else:
         out = _cached_dot(adapter, other, dims=dims, params=frozen)
     # What `remat_policy` keeps (the product as a whole, whatever the method).
-    return jax.tree.map(lambda o: checkpoint_name(o, OUTPUT_NAME), out)
+    return checkpoint_name(out, OUTPUT_NAME)
 
 
 @quax.register(lax.dot_general_p)
