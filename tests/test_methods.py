@@ -299,6 +299,48 @@ def test_lokr_factorization_matches_peft_examples():
             assert factorization(dim, factor) == _factorization(dim, factor), (dim, factor)
 
 
+LOKR_VARIANTS = [v for v in VARIANTS if v.method == "lokr"]
+
+
+@pytest.mark.parametrize("variant", LOKR_VARIANTS, ids=[v.name for v in LOKR_VARIANTS])
+def test_lokr_gpu_contraction_matches_dense(variant, getkey, monkeypatch, request):
+    """On a GPU a small `w1` is contracted elementwise instead of by a product batched
+    over the rows (`lax.platform_dependent`, so CI's CPU never compiles it): forced
+    here, its forward and gradients equal the dense reference's."""
+    from lora_jax import _lokr, _rules
+
+    taken = []
+
+    def gpu_branch(y, *, default, gpu):
+        taken.append(y.shape)
+        return gpu(y)
+
+    monkeypatch.setattr(_lokr, "_per_platform", gpu_branch)
+    # The rules run under a cached jit: trace them afresh here, and leave no trace of
+    # the forced branch behind for later tests.
+    _rules._cached_dot.clear_cache()
+    request.addfinalizer(_rules._cached_dot.clear_cache)
+    v = _adapter(variant, getkey)
+    x = jr.normal(getkey(), (5, IN))
+    np.testing.assert_allclose(
+        quax.quaxify(jax.vmap(lambda w, x: w @ x, in_axes=(None, 0)))(v, x),
+        x @ dense(v).T, rtol=1e-4, atol=1e-4,
+    )
+
+    def loss(fields, x):
+        out = quax.quaxify(lambda w, x: x @ w.T)(with_fields(v, fields), x)
+        return jnp.sum(jnp.sin(out))
+
+    def dense_loss(fields, x):
+        return jnp.sum(jnp.sin(x @ dense(with_fields(v, fields)).T))
+
+    got = jax.grad(loss, argnums=(0, 1))(trainable(v), x)
+    expected = jax.grad(dense_loss, argnums=(0, 1))(trainable(v), x)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * (1 + np.abs(e).max()))
+    assert taken  # every variant here has a 4×4 `w1`
+
+
 def test_lokr_init_weights_zero_the_right_factor(getkey):
     w = jr.normal(getkey(), (OUT, IN))
     v = lora.LokrArray(w, rank=1, decompose_both=True, key=getkey())
