@@ -118,8 +118,7 @@ def main():
             times[k].append(time.perf_counter() - t0)
     floor = statistics.median(times["floor"])
     lines = [
-        f"# LoRA, DoRA, LoKr, LoHa: one training step against the floor "
-        f"({datetime.date.today()})",
+        f"# LoRA, DoRA, LoKr, LoHa: one training step against the floor ({datetime.date.today()})",
         "",
         f"{DEPTH} residual MLP blocks {WIDTH}->{HIDDEN}->{WIDTH}, batch {BATCH}, rank "
         f"{RANK}, float32, {jax.devices()[0].device_kind}, jax {jax.__version__}, "
@@ -136,9 +135,7 @@ def main():
         lines.append("")
         for k, make in jaxprs.items():
             transposes, full = inspect(make(), shapes)
-            lines.append(
-                f"- {k}: transposes {transposes}; full-size intermediates {full}"
-            )
+            lines.append(f"- {k}: transposes {transposes}; full-size intermediates {full}")
     text = "\n".join(lines)
     print(text)
     if args.out:

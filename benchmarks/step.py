@@ -49,15 +49,9 @@ import lora_jax as lora  # noqa: E402
 
 
 PRESETS = {
-    "tiny": dict(
-        blocks=2, d=64, hidden=256, tokens=64, rank=4, dtype="float32", rounds=5
-    ),
-    "cpu": dict(
-        blocks=4, d=512, hidden=2048, tokens=512, rank=8, dtype="float32", rounds=15
-    ),
-    "gpu": dict(
-        blocks=8, d=2048, hidden=8192, tokens=8192, rank=16, dtype="bfloat16", rounds=30
-    ),
+    "tiny": dict(blocks=2, d=64, hidden=256, tokens=64, rank=4, dtype="float32", rounds=5),
+    "cpu": dict(blocks=4, d=512, hidden=2048, tokens=512, rank=8, dtype="float32", rounds=15),
+    "gpu": dict(blocks=8, d=2048, hidden=8192, tokens=8192, rank=16, dtype="bfloat16", rounds=30),
 }
 ROWS = (
     "floor",
@@ -307,16 +301,12 @@ def torch_contenders(cfg, wanted, notes):
             # autocast_adapter_dtype=False: the adapters take the base's dtype (bf16 on
             # the gpu preset), as lora_jax's factors do; PEFT's default would make them
             # float32.
-            self.model = peft.get_peft_model(
-                plain(), config, autocast_adapter_dtype=False
-            )
+            self.model = peft.get_peft_model(plain(), config, autocast_adapter_dtype=False)
             self.run = torch.compile(self.model) if compiled else self.model
             self.params = [p for p in self.model.parameters() if p.requires_grad]
             self.trainable = sum(p.numel() for p in self.params)
             # fused=True: torch's fastest AdamW on CUDA (optax's is fused by XLA).
-            self.opt = torch.optim.AdamW(
-                self.params, lr=1e-4, **({"fused": True} if cuda else {})
-            )
+            self.opt = torch.optim.AdamW(self.params, lr=1e-4, **({"fused": True} if cuda else {}))
 
         def __call__(self):
             self.opt.zero_grad(set_to_none=True)
@@ -329,12 +319,7 @@ def torch_contenders(cfg, wanted, notes):
             self.opt.zero_grad(set_to_none=True)
 
         def resident(self):
-            state = [
-                v
-                for s in self.opt.state.values()
-                for v in s.values()
-                if torch.is_tensor(v)
-            ]
+            state = [v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v)]
             return nbytes(self.model.parameters()) + nbytes(state) + nbytes([x])
 
     makers = {
@@ -435,6 +420,7 @@ def main(preset, rounds, only):
 
     r = cfg["rank"]
     add("floor", "JAX floor (fwd + input grad)", lambda: jax_floor(model, x))
+
     def adapted(base, rank=r, method="lora", **options):
         """A lora_jax training step on `base` (alpha = 2·rank, as PEFT's rows)."""
         adapted_model = lora.loraify(
@@ -612,9 +598,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=PRESETS, default="cpu")
     p.add_argument("--rounds", type=int, default=None, help="default: the preset's")
-    p.add_argument(
-        "--only", default=None, help=f"comma-separated rows of {', '.join(ROWS)}"
-    )
+    p.add_argument("--only", default=None, help=f"comma-separated rows of {', '.join(ROWS)}")
     p.add_argument("--out", default=None, help="write the table to this markdown file")
     args = p.parse_args()
     only = None

@@ -220,9 +220,7 @@ def main():
         model, eqx.is_inexact_array, batches(help_text, 32, 0), steps, 3e-3, "pretrain"
     )
     print(f"pretrained: loss on the Zen {float(eval_loss(model, *zen_eval)):.3f}")
-    print(
-        "sample before adapting:\n" + sample(model, "Beautiful is", n_sample, k_sample)
-    )
+    print("sample before adapting:\n" + sample(model, "Beautiful is", n_sample, k_sample))
 
     curves, adapted = {}, {}
     for name, options in METHODS.items():
@@ -248,10 +246,7 @@ def main():
     merged = lora.materialise(reloaded)  # plain arrays again: no quax needed to run it
     x = zen_eval[0][0]
     assert jnp.allclose(merged(x), quax.quaxify(tuned)(x), atol=1e-4)
-    print(
-        f"saved {path} ({os.path.getsize(path):,} bytes); reloaded and merged: "
-        "same logits"
-    )
+    print(f"saved {path} ({os.path.getsize(path):,} bytes); reloaded and merged: same logits")
     peft_dir = os.path.join(OUT, "zen_adapter_peft")
     lora.save_peft(peft_dir, tuned)
     print(f"PEFT format: {peft_dir}/ {sorted(os.listdir(peft_dir))}")

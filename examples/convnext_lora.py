@@ -85,18 +85,14 @@ class ConvNeXt(eqx.Module):
     head_norm: eqx.nn.LayerNorm
     head: eqx.nn.Linear
 
-    def __init__(
-        self, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), classes=1000, *, key
-    ):
+    def __init__(self, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), classes=1000, *, key):
         keys = iter(jr.split(key, 3 + len(dims) + sum(depths)))
         self.stem = eqx.nn.Conv2d(3, dims[0], 4, stride=4, key=next(keys))
         self.stem_norm = eqx.nn.LayerNorm(dims[0], eps=1e-6)
         self.downsamples = [
             Downsample(dims[i - 1], dims[i], next(keys)) for i in range(1, len(dims))
         ]
-        self.stages = [
-            [Block(d, next(keys)) for _ in range(n)] for d, n in zip(dims, depths)
-        ]
+        self.stages = [[Block(d, next(keys)) for _ in range(n)] for d, n in zip(dims, depths)]
         self.head_norm = eqx.nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = eqx.nn.Linear(dims[-1], classes, key=next(keys))
 
@@ -120,9 +116,7 @@ def main():
     model = ConvNeXt(key=jr.key(0))
     base = lora.summary(model)
     # Every block's two MLP layers: `stages.<i>.<j>.mlp_fc1` and `...mlp_fc2`.
-    model = lora.loraify(
-        model, rank=2, key=jr.key(1), where=r"stages\.\d+\.\d+\.mlp_fc[12]"
-    )
+    model = lora.loraify(model, rank=2, key=jr.key(1), where=r"stages\.\d+\.\d+\.mlp_fc[12]")
     s = lora.summary(model)
     if not args.quick:
         print(s)
@@ -135,9 +129,7 @@ def main():
     image = jr.uniform(jr.key(2), (3, size, size))
     logits = eqx.filter_jit(quax.quaxify(model))(image)
     # The adapters start as no-ops (b = 0): the merged model gives the same logits.
-    same = jnp.allclose(
-        logits, eqx.filter_jit(lora.materialise(model))(image), atol=1e-4
-    )
+    same = jnp.allclose(logits, eqx.filter_jit(lora.materialise(model))(image), atol=1e-4)
     print(
         f"forward pass on a {size}x{size} image: logits {logits.shape}, "
         f"top class {int(jnp.argmax(logits))}; same as merged: {bool(same)}"
@@ -150,9 +142,7 @@ def main():
             per_stage[int(module.split(".")[1])] += trainable
     os.makedirs(OUT, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(
-        [f"stage {i}\n(dim {d})" for i, d in enumerate((96, 192, 384, 768))], per_stage
-    )
+    ax.bar([f"stage {i}\n(dim {d})" for i, d in enumerate((96, 192, 384, 768))], per_stage)
     ax.set_title(f"LoRA rank 2 trainable parameters: {s.trainable:,}")
     fig.tight_layout()
     path = os.path.join(OUT, "convnext_lora.png")

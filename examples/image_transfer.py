@@ -99,9 +99,7 @@ def train(model, mask, data, steps, lr, desc, seed=0):
     def step(params, opt_state, x, y):
         # quaxify the loss of the *recombined* model, inside grad: the gradient then
         # flows only into `params` (the adapters' factors), never into a dense `w + Δ`.
-        grad_fn = jax.value_and_grad(
-            lambda p: quax.quaxify(loss_fn)(eqx.combine(p, frozen), x, y)
-        )
+        grad_fn = jax.value_and_grad(lambda p: quax.quaxify(loss_fn)(eqx.combine(p, frozen), x, y))
         value, grads = grad_fn(params)
         updates, opt_state = optim.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value

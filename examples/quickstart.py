@@ -87,8 +87,10 @@ def main(steps: int, out: pathlib.Path):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     params, _ = train(params, static, original, 2 * steps, 3e-3, "pretrain", False)
     model = eqx.combine(params, static)
-    print(f"pretrained: accuracy {accuracy(model, *original[1]):.3f} on digits, "
-          f"{accuracy(model, *mirrored[1]):.3f} on mirrored digits")
+    print(
+        f"pretrained: accuracy {accuracy(model, *original[1]):.3f} on digits, "
+        f"{accuracy(model, *mirrored[1]):.3f} on mirrored digits"
+    )
 
     # 2. LoRA: every Linear's weight becomes a LoraArray; only its factors train.
     adapted = lora.loraify(model, rank=4, alpha=8.0, init="peft", key=key_lora)
@@ -109,8 +111,7 @@ def main(steps: int, out: pathlib.Path):
     )
     print(f"merged model matches the adapted one: {bool(same)}")
     unchanged = all(
-        bool(jnp.array_equal(a.weight._w, b.weight))
-        for a, b in zip(adapted.layers, model.layers)
+        bool(jnp.array_equal(a.weight._w, b.weight)) for a, b in zip(adapted.layers, model.layers)
     )
     print(f"pretrained weights bitwise unchanged: {unchanged}")
 

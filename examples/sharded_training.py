@@ -47,6 +47,7 @@ import optax  # noqa: E402
 import quax  # noqa: E402
 from jax.sharding import AxisType, PartitionSpec as P  # noqa: E402
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import lora_jax as lora  # noqa: E402
 
@@ -162,8 +163,10 @@ def main():
             if i % 5 == 0 or i == args.steps - 1:
                 print(f"step {i:3d}  loss {value:.5f}  {times[-1] * 1e3:8.2f} ms")
     steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
-    print(f"compile+first step {times[0]:.2f} s; median step {steady * 1e3:.2f} ms "
-          f"(batch {args.batch}, {args.batch / steady:.0f} samples/s)")
+    print(
+        f"compile+first step {times[0]:.2f} s; median step {steady * 1e3:.2f} ms "
+        f"(batch {args.batch}, {args.batch / steady:.0f} samples/s)"
+    )
 
 
 if __name__ == "__main__":

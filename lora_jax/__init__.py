@@ -5,9 +5,9 @@ import importlib.metadata
 from . import _rules as _rules  # registers the shared dispatch rules
 from ._base import AbstractAdapter as AbstractAdapter, is_adapter as is_adapter
 from ._conv import LoraConvArray as LoraConvArray
-from ._embedding import LoraEmbeddingArray as LoraEmbeddingArray
 from ._dora import DoraArray as DoraArray
 from ._dropout import with_dropout_keys as with_dropout_keys
+from ._embedding import LoraEmbeddingArray as LoraEmbeddingArray
 from ._filters import partition as partition, trainable_mask as trainable_mask
 from ._io import load_adapter as load_adapter, save_adapter as save_adapter
 from ._loha import LohaArray as LohaArray
@@ -20,20 +20,20 @@ from ._loraify import (
     unloraify as unloraify,
 )
 from ._multi import (
-    add_adapter as add_adapter,
+    MultiLoraArray as MultiLoraArray,
     adapter_names as adapter_names,
+    add_adapter as add_adapter,
     combine_adapters as combine_adapters,
     delete_adapter as delete_adapter,
-    MultiLoraArray as MultiLoraArray,
     set_adapter as set_adapter,
     stack_adapters as stack_adapters,
 )
+from ._peft import load_peft as load_peft, save_peft as save_peft
 from ._quant import (
     Int8Array as Int8Array,
     NF4Array as NF4Array,
     quantise as quantise,
 )
-from ._peft import load_peft as load_peft, save_peft as save_peft
 from ._remat import remat_policy as remat_policy
 from ._sharding import (
     fsdp as fsdp,
@@ -43,8 +43,8 @@ from ._sharding import (
     trainable_partition_specs as trainable_partition_specs,
 )
 from ._summary import (
-    print_trainable_parameters as print_trainable_parameters,
     Summary as Summary,
+    print_trainable_parameters as print_trainable_parameters,
     summary as summary,
 )
 

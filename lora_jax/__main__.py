@@ -106,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m lora_jax", description="Inspect and convert LoRA adapter files."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="describe a lora_jax .safetensors file or a PEFT adapter directory")
+    p = sub.add_parser(
+        "inspect", help="describe a lora_jax .safetensors file or a PEFT adapter directory"
+    )
     p.add_argument("path", metavar="FILE_OR_DIR")
     p.add_argument("--json", action="store_true", help="print JSON")
     c = sub.add_parser(
@@ -119,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("dst", metavar="DST")
     c.add_argument("--rslora", action="store_true", help="write use_rslora=True (to PEFT)")
     c.add_argument(
-        "--adapter", metavar="NAME", help="from a file of stacked adapters, the one to write (to PEFT)"
+        "--adapter",
+        metavar="NAME",
+        help="from a file of stacked adapters, the one to write (to PEFT)",
     )
     args = parser.parse_args(argv)
     try:
@@ -134,13 +138,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise FileNotFoundError(f"No such file or directory: {args.src!r}.")
             if os.path.isdir(args.src):
                 if os.path.isdir(args.dst):
-                    raise ValueError(f"DST {args.dst!r} is a directory; converting PEFT to lora_jax writes a .safetensors file.")
+                    raise ValueError(
+                        f"DST {args.dst!r} is a directory; converting PEFT to lora_jax writes a "
+                        ".safetensors file."
+                    )
                 if args.adapter is not None:
                     raise ValueError("--adapter applies when converting a lora_jax file to PEFT.")
                 peft_to_lora_jax_file(args.src, args.dst)
             else:
                 if os.path.isfile(args.dst):
-                    raise ValueError(f"DST {args.dst!r} is a file; converting lora_jax to PEFT writes a directory.")
+                    raise ValueError(
+                        f"DST {args.dst!r} is a file; converting lora_jax to PEFT writes a "
+                        "directory."
+                    )
                 lora_jax_file_to_peft(args.src, args.dst, rslora=args.rslora, adapter=args.adapter)
             print(f"wrote {args.dst}")
     except (FileNotFoundError, ValueError, TypeError) as e:

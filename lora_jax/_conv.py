@@ -144,8 +144,14 @@ class LoraConvArray(AbstractAdapter):
         a_shape = (out, rank, *kernel[:m], *(1,) * (len(kernel) - m))
         b_shape = (rank, inp, *(1,) * m, *kernel[m:])
         a, b = init_factors(
-            key, a_shape, b_shape, init=init, rank=rank, scale=scale,
-            fan_in=math.prod(b_shape[1:]), dtype=dtype,
+            key,
+            a_shape,
+            b_shape,
+            init=init,
+            rank=rank,
+            scale=scale,
+            fan_in=math.prod(b_shape[1:]),
+            dtype=dtype,
         )
         self._w = weight
         self.a = a
@@ -168,7 +174,7 @@ def _conv_delta(a, b, form, scaling):
     n = a.ndim - 2
     m = conv_split(form, n)
     sp = "defghjklmn"[:n]
-    a2 = a.reshape(a.shape[:2 + m])
+    a2 = a.reshape(a.shape[: 2 + m])
     b2 = b.reshape(b.shape[:2] + b.shape[2 + m :])
     spec = f"or{sp[:m]},ri{sp[m:]}->oi{sp}"
     d = jnp.einsum(spec, a2, b2)
@@ -229,9 +235,7 @@ def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraConvArray, **params):
         # The kernel is read in another layout than the adapter's (out, in, *kernel):
         # no factored rule; materialise (refuses unless `allow_materialise`).
         return _dense_conv(lhs, rhs.materialise(), params)
-    return _lora_conv(
-        lhs, rhs.w, rhs.a, rhs.b, lax.stop_gradient(rhs.scaling), rhs.form, params
-    )
+    return _lora_conv(lhs, rhs.w, rhs.a, rhs.b, lax.stop_gradient(rhs.scaling), rhs.form, params)
 
 
 @quax.register(lax.conv_general_dilated_p)

@@ -1,7 +1,6 @@
 """DoRA: `m ⊙ (w + s·a @ b) / ‖w + s·a @ b‖`, the norm taken per output unit, computed
 as `(m / n) ⊙ (w·x + s·a·(b·x))` without forming the sum."""
 
-
 import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._broadcast import along_output
 from ._dropout import dropout as apply_dropout
-from ._lora import init_factors, Init, lora_scaling
+from ._lora import Init, init_factors, lora_scaling
 from ._remat import OUTPUT_NAME
 from ._rules import Dims, join_dims, lowrank_product, result_order
 from ._validate import (
@@ -105,15 +104,19 @@ class DoraArray(AbstractAdapter):
         if alpha is not None:
             check_scalar(alpha, "alpha", positive=True)
         if init not in ("quax", "peft", "gaussian"):
-            raise ValueError(
-                f"`init` must be one of 'quax', 'peft' or 'gaussian', got {init!r}."
-            )
+            raise ValueError(f"`init` must be one of 'quax', 'peft' or 'gaussian', got {init!r}.")
         dtype = check_dtype(dtype, weight.dtype)
         *batch, out, inp = weight.shape
         a_shape, b_shape = (*batch, out, rank), (*batch, rank, inp)
         a, b = init_factors(
-            key, a_shape, b_shape, init=init, rank=rank, scale=scale,
-            fan_in=inp, dtype=dtype,
+            key,
+            a_shape,
+            b_shape,
+            init=init,
+            rank=rank,
+            scale=scale,
+            fan_in=inp,
+            dtype=dtype,
         )
         self._w = weight
         self.a = a
@@ -139,8 +142,17 @@ class DoraArray(AbstractAdapter):
 
     def dot_general(self, other, dims: Dims, params):
         return _dora_dot(
-            self.w, self.a, self.b, self.m, lax.stop_gradient(self.scaling), self.axis,
-            other, dims, params, self.dropout_key, self.dropout,
+            self.w,
+            self.a,
+            self.b,
+            self.m,
+            lax.stop_gradient(self.scaling),
+            self.axis,
+            other,
+            dims,
+            params,
+            self.dropout_key,
+            self.dropout,
         )
 
     def transpose(self, permutation, *, swap):
@@ -220,12 +232,16 @@ def _dora_product(w, a, b, m, scaling, axis, other, dims: Dims, params, key, rat
 
     def dot(x, y):
         dn = join_dims(*dims)
-        return lax.dot_general(x, y, dn, **params) if dims.adapter_lhs else (
-            lax.dot_general(y, x, dn, **params)
+        return (
+            lax.dot_general(x, y, dn, **params)
+            if dims.adapter_lhs
+            else (lax.dot_general(y, x, dn, **params))
         )
 
-    out_ndim = len(dims.adapter_batch) + (n - len(dims.adapter_contract) - len(dims.adapter_batch)) + (
-        other.ndim - len(dims.other_contract) - len(dims.other_batch)
+    out_ndim = (
+        len(dims.adapter_batch)
+        + (n - len(dims.adapter_contract) - len(dims.adapter_batch))
+        + (other.ndim - len(dims.other_contract) - len(dims.other_batch))
     )
     dropped = apply_dropout(key, rate, other)
     g_out = along_output(g, (*range(n - 2), unit_dim), dims, n, other.ndim, out_ndim)

@@ -60,9 +60,7 @@ def with_dropout_keys(model: PyTree, key: PRNGKeyArray | None) -> PyTree:
     holders = [i for i, x in enumerate(leaves) if is_adapter(x) and hasattr(x, "dropout_key")]
     keys = [None] * len(holders) if key is None else list(jr.split(key, max(len(holders), 1)))
     for i, k in zip(holders, keys):
-        leaves[i] = eqx.tree_at(
-            lambda v: v.dropout_key, leaves[i], k, is_leaf=lambda x: x is None
-        )
+        leaves[i] = eqx.tree_at(lambda v: v.dropout_key, leaves[i], k, is_leaf=lambda x: x is None)
     return jtu.tree_unflatten(treedef, leaves)
 
 

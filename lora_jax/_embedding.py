@@ -8,7 +8,7 @@ import quax
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling
-from ._lora import _delta, _lora_dot, Init, lora_scaling
+from ._lora import Init, _delta, _lora_dot, lora_scaling
 from ._rules import Dims
 from ._validate import (
     check_choice,
@@ -158,9 +158,9 @@ def _slice_lookup(w, a, b, scaling, starts, slice_sizes):
 def _(operand: LoraEmbeddingArray, *indices: ArrayLike, slice_sizes):
     if len(indices) != 2:
         # Dynamic slice sizes (not produced by Equinox or jnp indexing).
-        return quax.quaxify(
-            lambda x, *i: lax.dynamic_slice_p.bind(x, *i, slice_sizes=slice_sizes)
-        )(operand.materialise(), *indices)
+        return quax.quaxify(lambda x, *i: lax.dynamic_slice_p.bind(x, *i, slice_sizes=slice_sizes))(
+            operand.materialise(), *indices
+        )
     return _slice_lookup(
         operand.w,
         operand.a,

@@ -78,15 +78,11 @@ def trainable_mask(
             or not isinstance(trainable, (list, tuple))
             or not all(isinstance(t, str) for t in trainable)
         ):
-            raise TypeError(
-                f"`trainable` must be a list of module names, got {trainable!r}."
-            )
+            raise TypeError(f"`trainable` must be a list of module names, got {trainable!r}.")
         trainable = list(trainable)
     is_leaf = lambda x: is_adapter(x) or is_quantised(x)
     flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=is_leaf)
-    adapted_owners = {
-        path_name(p[:-1]) for p, leaf in flat if is_adapter(leaf) and len(p) > 0
-    }
+    adapted_owners = {path_name(p[:-1]) for p, leaf in flat if is_adapter(leaf) and len(p) > 0}
     hits = {t: False for t in trainable or ()}
     out = []
     for path, leaf in flat:

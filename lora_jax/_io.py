@@ -73,7 +73,9 @@ FORMATS: dict[type, AdapterFormat] = {
     LohaArray: AdapterFormat("loha", ("w1a", "w1b", "w2a", "w2b", "scaling")),
     LoraConvArray: AdapterFormat("lora_conv", ("a", "b", "scaling")),
     LoraEmbeddingArray: AdapterFormat("lora_embedding", ("a", "b", "scaling")),
-    MultiLoraArray: AdapterFormat("multi_lora", ("a", "b", "scaling", "weights"), describe=_multi_facts),
+    MultiLoraArray: AdapterFormat(
+        "multi_lora", ("a", "b", "scaling", "weights"), describe=_multi_facts
+    ),
 }
 
 
@@ -122,7 +124,9 @@ def check_path(path, name: str) -> str:
     return os.fspath(path)
 
 
-def encode(tensors: dict[str, np.ndarray], metadata: dict[str, str], *, checksum: bool = True) -> bytes:
+def encode(
+    tensors: dict[str, np.ndarray], metadata: dict[str, str], *, checksum: bool = True
+) -> bytes:
     """The bytes of a safetensors file: little-endian u64 header length, JSON header,
     then the tensors' data in header order. With `checksum`, the metadata also records
     the SHA-256 of the data (`lora_jax_sha256`), which the reader checks: a flipped
@@ -157,10 +161,14 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"Cannot write {path!r}: the directory {directory!r} does not exist.")
+        raise FileNotFoundError(
+            f"Cannot write {path!r}: the directory {directory!r} does not exist."
+        )
     if os.path.isdir(path):
         raise ValueError(f"Cannot write {path!r}: it is a directory.")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(
+        prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
+    )
     try:
         view = memoryview(data)
         for start in range(0, len(view), _CHUNK):
@@ -225,7 +233,10 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if n > _MAX_HEADER:
         raise bad(f"its header claims {n} bytes, more than the {_MAX_HEADER} allowed")
     if 8 + n > len(data):
-        raise bad(f"the header claims {n} bytes but the file has {len(data) - 8} after the length (truncated?)")
+        raise bad(
+            f"the header claims {n} bytes but the file has {len(data) - 8} after the length "
+            "(truncated?)"
+        )
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -252,21 +263,33 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             raise bad(f"tensor {name!r} has a malformed entry {info!r}")
         expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
         if end - start != expected:
-            raise bad(f"tensor {name!r} has {end - start} bytes of data, but shape {list(shape)} of {info['dtype']} needs {expected}")
+            raise bad(
+                f"tensor {name!r} has {end - start} bytes of data, but shape {list(shape)} of "
+                f"{info['dtype']} needs {expected}"
+            )
         if end > len(body):
-            raise bad(f"tensor {name!r} ends at byte {end} of the data but the data has {len(body)} bytes (truncated?)")
+            raise bad(
+                f"tensor {name!r} ends at byte {end} of the data but the data has {len(body)} "
+                "bytes (truncated?)"
+            )
         entries.append((start, end, name, dtype, shape))
     covered = 0
     for start, end, name, *_ in sorted(entries):
         if start != covered:
-            what = "overlaps the tensor before it" if start < covered else f"leaves a hole of {start - covered} bytes before it"
+            what = (
+                "overlaps the tensor before it"
+                if start < covered
+                else f"leaves a hole of {start - covered} bytes before it"
+            )
             raise bad(f"tensor {name!r} {what}")
         covered = end
     if covered != len(body):
         raise bad(f"it has {len(body) - covered} bytes after its last tensor")
     recorded = metadata.get(CHECKSUM_KEY)
     if recorded is not None and hashlib.sha256(body).hexdigest() != recorded:
-        raise bad("its tensor data does not match the checksum recorded when it was saved (corrupted?)")
+        raise bad(
+            "its tensor data does not match the checksum recorded when it was saved (corrupted?)"
+        )
     tensors = {}
     for start, end, name, dtype, shape in entries:
         arr = np.frombuffer(body[start:end], dtype=dtype.newbyteorder("<")).astype(dtype)
@@ -283,7 +306,9 @@ def _leaves(model):
     return jtu.tree_flatten_with_path(model, is_leaf=is_adapter)
 
 
-def adapter_entries(model, *, train_bias: TrainBias = "none", trainable: Sequence[str] | None = None):
+def adapter_entries(
+    model, *, train_bias: TrainBias = "none", trainable: Sequence[str] | None = None
+):
     """`(adapters, extras)`: `{path: adapter value}` and `{name: leaf}` for the
     non-adapter leaves that train (biases, `trainable` modules), both in PyTree order."""
     mask = trainable_mask(model, train_bias=train_bias, trainable=trainable)
@@ -353,9 +378,7 @@ def save_adapter(
         model = select_adapter(model, adapter)
     adapters, extras = adapter_entries(model, train_bias=train_bias, trainable=trainable)
     if not adapters:
-        raise ValueError(
-            "`model` has no adapters to save; adapt it first with `lora_jax.loraify`."
-        )
+        raise ValueError("`model` has no adapters to save; adapt it first with `lora_jax.loraify`.")
     tensors: dict[str, np.ndarray] = {}
     info = {}
     names: list[str] | None = None
@@ -425,7 +448,9 @@ def _json_meta(path, metadata, key, kind: type | tuple[type, ...] | None = None)
     return value
 
 
-def read_adapter_file(path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, dict], list[str]]:
+def read_adapter_file(
+    path,
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, dict], list[str]]:
     """`(tensors, metadata, adapters, extras)` of a lora_jax adapter file, its
     structure and metadata checked."""
     tensors, metadata = read_safetensors(path)
@@ -434,7 +459,9 @@ def read_adapter_file(path) -> tuple[dict[str, np.ndarray], dict[str, str], dict
     info = _json_meta(path, metadata, "adapters", dict)
     extras = _json_meta(path, metadata, "extras", list)
     if metadata.get("train_bias", "none") not in ("none", "lora_only", "all"):
-        raise ValueError(f"{where!r} has malformed metadata `train_bias={metadata['train_bias']!r}`.")
+        raise ValueError(
+            f"{where!r} has malformed metadata `train_bias={metadata['train_bias']!r}`."
+        )
     trainable = _json_meta(path, metadata, "trainable", (list, type(None)))
     if trainable is not None and not all(isinstance(t, str) for t in trainable):
         raise ValueError(f"{where!r} has malformed metadata 'trainable': {trainable!r}.")

@@ -111,9 +111,7 @@ class LohaArray(AbstractAdapter):
         if not isinstance(init_weights, bool):
             raise TypeError(f"`init_weights` must be True or False, got {init_weights!r}.")
         if not isinstance(use_effective_conv2d, bool):
-            raise TypeError(
-                f"`use_effective_conv2d` must be a bool, got {use_effective_conv2d!r}."
-            )
+            raise TypeError(f"`use_effective_conv2d` must be a bool, got {use_effective_conv2d!r}.")
         check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_probability(rank_dropout, "rank_dropout")
         check_probability(module_dropout, "module_dropout")
@@ -130,8 +128,10 @@ class LohaArray(AbstractAdapter):
         self.w1a = kaiming(k1, (*batch, out, rank))
         self.w1b = kaiming(k2, (*batch, rank, inp))
         self.w2a = kaiming(k3, (*batch, out, rank))
-        self.w2b = kaiming(k4, (*batch, rank, inp)) if not init_weights else (
-            jnp.zeros((*batch, rank, inp), dtype)
+        self.w2b = (
+            kaiming(k4, (*batch, rank, inp))
+            if not init_weights
+            else (jnp.zeros((*batch, rank, inp), dtype))
         )
         self.scaling = as_scaling(1.0 if alpha is None else alpha / rank, tuple(batch))
         self.rank_dropout = float(rank_dropout)
@@ -179,9 +179,7 @@ class LohaArray(AbstractAdapter):
             f = (t(self.w1a), t(self.w1b), t(self.w2a), t(self.w2b))
         w = quax.quaxify(t)(self._w)
         s = lax.transpose(self.scaling, permutation[:-2])
-        new = eqx.tree_at(
-            lambda v: (v._w, v.w1a, v.w1b, v.w2a, v.w2b, v.scaling), self, (w, *f, s)
-        )
+        new = eqx.tree_at(lambda v: (v._w, v.w1a, v.w1b, v.w2a, v.w2b, v.scaling), self, (w, *f, s))
         # A static field: set on the fresh copy `tree_at` made.
         object.__setattr__(new, "transposed", self.transposed != swap)
         return new

@@ -168,8 +168,10 @@ class LokrArray(AbstractAdapter):
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
-        if isinstance(decompose_factor, bool) or not isinstance(decompose_factor, int) or not (
-            decompose_factor == -1 or decompose_factor > 0
+        if (
+            isinstance(decompose_factor, bool)
+            or not isinstance(decompose_factor, int)
+            or not (decompose_factor == -1 or decompose_factor > 0)
         ):
             raise ValueError(
                 f"`decompose_factor` must be -1 or a positive integer, got {decompose_factor!r}."
@@ -236,13 +238,26 @@ class LokrArray(AbstractAdapter):
             k_rank, k_module = jr.split(self.dropout_key)
             if self.rank_dropout > 0:
                 n_rows = _shape(w1)[0] * _shape(w2)[0]
-                rows = unit_mask(k_rank, self.rank_dropout, (n_rows,),
-                                 _dtype(w1), rescale=self.rank_dropout_scale)
+                rows = unit_mask(
+                    k_rank,
+                    self.rank_dropout,
+                    (n_rows,),
+                    _dtype(w1),
+                    rescale=self.rank_dropout_scale,
+                )
             if self.module_dropout > 0:
                 keep = module_keep(k_module, self.module_dropout, (), _dtype(w1))
         return _lokr_dot(
-            self.w, w1, w2, lax.stop_gradient(self.scaling), self.transposed, other, dims,
-            params, rows, keep,
+            self.w,
+            w1,
+            w2,
+            lax.stop_gradient(self.scaling),
+            self.transposed,
+            other,
+            dims,
+            params,
+            rows,
+            keep,
         )
 
     def transpose(self, permutation, *, swap):
@@ -302,8 +317,10 @@ def _lokr_product(w, w1, w2, scaling, transposed, other, dims: Dims, params, row
         if rows is not None:
             d = d * rows[:, None]
         d = d.T if transposed else d
-        delta = lax.dot_general(d, other, dn, precision=precision) if dims.adapter_lhs else (
-            lax.dot_general(other, d, dn, precision=precision)
+        delta = (
+            lax.dot_general(d, other, dn, precision=precision)
+            if dims.adapter_lhs
+            else (lax.dot_general(other, d, dn, precision=precision))
         )
     return out + delta.astype(out.dtype)
 
@@ -319,7 +336,9 @@ def _kron_apply(w1, w2, c: int, x, e: int, adapter_lhs: bool, precision):
     if not adapter_lhs and e == x.ndim - 1:
         return _kron_apply_minor(w1, w2, c, x, precision)
     x = x.reshape(x.shape[:e] + (p1, p2) + x.shape[e + 1 :])
-    dot = lambda l, r, lc, rc: lax.dot_general(l, r, (((lc,), (rc,)), ((), ())), precision=precision)
+    dot = lambda l, r, lc, rc: lax.dot_general(
+        l, r, (((lc,), (rc,)), ((), ())), precision=precision
+    )
 
     def left(m, y, k):
         """`dot(m, y, c, k)`: `(m's free, *y without k)`."""

@@ -45,9 +45,7 @@ def init_factors(key, a_shape, b_shape, *, init: str, rank: int, scale, fan_in: 
     kaiming-uniform of a layer with `fan_in` inputs) or `"gaussian"` (`a` zeros, `b`
     normal with standard deviation `1/rank`)."""
     if init == "quax":
-        return jr.normal(key, a_shape, dtype) * jnp.asarray(scale, dtype), jnp.zeros(
-            b_shape, dtype
-        )
+        return jr.normal(key, a_shape, dtype) * jnp.asarray(scale, dtype), jnp.zeros(b_shape, dtype)
     a = jnp.zeros(a_shape, dtype)
     if init == "peft":
         bound = 1 / math.sqrt(fan_in)
@@ -137,15 +135,19 @@ class LoraArray(AbstractAdapter):
         if alpha is not None:
             check_scalar(alpha, "alpha", positive=True)
         if init not in ("quax", "peft", "gaussian"):
-            raise ValueError(
-                f"`init` must be one of 'quax', 'peft' or 'gaussian', got {init!r}."
-            )
+            raise ValueError(f"`init` must be one of 'quax', 'peft' or 'gaussian', got {init!r}.")
         dtype = check_dtype(dtype, weight.dtype)
         *batch, out, inp = weight.shape
         a_shape, b_shape = (*batch, out, rank), (*batch, rank, inp)
         a, b = init_factors(
-            key, a_shape, b_shape, init=init, rank=rank, scale=scale,
-            fan_in=inp, dtype=dtype,
+            key,
+            a_shape,
+            b_shape,
+            init=init,
+            rank=rank,
+            scale=scale,
+            fan_in=inp,
+            dtype=dtype,
         )
         self._w = weight
         self.a = a
@@ -165,8 +167,15 @@ class LoraArray(AbstractAdapter):
 
     def dot_general(self, other, dims: Dims, params):
         return _lora_dot(
-            self.w, self.a, self.b, lax.stop_gradient(self.scaling), other, dims, params,
-            self.dropout_key, self.dropout,
+            self.w,
+            self.a,
+            self.b,
+            lax.stop_gradient(self.scaling),
+            other,
+            dims,
+            params,
+            self.dropout_key,
+            self.dropout,
         )
 
     def factor_specs(self, spec):

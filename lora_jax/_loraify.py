@@ -1,12 +1,11 @@
 """`loraify`: walk an Equinox PyTree and swap the weights it targets for adapters;
 `materialise` and `unloraify` undo it."""
 
+import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import inspect
-import re
 
 import equinox as eqx
 import jax
@@ -18,8 +17,8 @@ from jaxtyping import PRNGKeyArray, PyTree
 
 from ._base import is_adapter
 from ._conv import LoraConvArray
-from ._embedding import LoraEmbeddingArray
 from ._dora import DoraArray
+from ._embedding import LoraEmbeddingArray
 from ._loha import LohaArray
 from ._lokr import LokrArray
 from ._lora import LoraArray
@@ -32,8 +31,8 @@ from ._targets import (
     lookup_pattern,
     make_matcher,
     name_matches,
-    pattern_key_matches,
     path_name,
+    pattern_key_matches,
 )
 from ._validate import (
     check_bool,
@@ -295,9 +294,7 @@ def _check_indices(layers_to_transform) -> set[int]:
         )
     for i in items:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(
-                f"`layers_to_transform` must hold integer layer indices; got {i!r}."
-            )
+            raise TypeError(f"`layers_to_transform` must hold integer layer indices; got {i!r}.")
     return {int(i) for i in items}
 
 
@@ -396,12 +393,18 @@ def loraify(
     check_choice(method, "method", tuple(METHODS))
     if "conv_form" in method_options:
         check_choice(method_options["conv_form"], "conv_form", ("peft", "balanced"))
-    for name, flag in (("allow_materialise", allow_materialise), ("stop_gradient", stop_gradient), ("rslora", rslora)):
+    for name, flag in (
+        ("allow_materialise", allow_materialise),
+        ("stop_gradient", stop_gradient),
+        ("rslora", rslora),
+    ):
         if not isinstance(flag, bool):
             raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
     for argname, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if patterns is not None and not isinstance(patterns, dict):
-            raise TypeError(f"`{argname}` must be a dict {{pattern: value}}, got {type(patterns).__name__}.")
+            raise TypeError(
+                f"`{argname}` must be a dict {{pattern: value}}, got {type(patterns).__name__}."
+            )
     for argname, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for k in patterns or {}:
             if not isinstance(k, str):
@@ -522,11 +525,7 @@ def materialise(model: PyTree, *, safe_merge: bool = False) -> PyTree:
 
     leaves = [merge(x) for _, x in flat]
     if safe_merge:
-        merged = {
-            path_name(path): leaf
-            for (path, x), leaf in zip(flat, leaves)
-            if is_adapter(x)
-        }
+        merged = {path_name(path): leaf for (path, x), leaf in zip(flat, leaves) if is_adapter(x)}
         _check_finite(merged)
     return jtu.tree_unflatten(treedef, leaves)
 

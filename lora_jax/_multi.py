@@ -131,16 +131,29 @@ def _stack(w, parts: Sequence[tuple[str, LoraArray]], like):
 def _unstack(value: MultiLoraArray) -> list[tuple[str, LoraArray]]:
     out = []
     for i, (name, r) in enumerate(zip(value.names, value.ranks)):
-        out.append((name, _lora(value._w, value.a[i][..., :r], value.b[i][..., :r, :], value.scaling[i], value)))
+        out.append(
+            (
+                name,
+                _lora(
+                    value._w, value.a[i][..., :r], value.b[i][..., :r, :], value.scaling[i], value
+                ),
+            )
+        )
     return out
 
 
 def _lora(w, a, b, scaling, like) -> LoraArray:
     value = LoraArray(
-        w, rank=a.shape[-1], key=jr.key(0), dtype=a.dtype, stop_gradient=like.stop_gradient,
+        w,
+        rank=a.shape[-1],
+        key=jr.key(0),
+        dtype=a.dtype,
+        stop_gradient=like.stop_gradient,
         allow_materialise=like.allow_materialise,
     )
-    return eqx.tree_at(lambda v: (v.a, v.b, v.scaling), value, (a, b, jnp.asarray(scaling, jnp.float32)))
+    return eqx.tree_at(
+        lambda v: (v.a, v.b, v.scaling), value, (a, b, jnp.asarray(scaling, jnp.float32))
+    )
 
 
 def _adapter_paths(model) -> dict[str, AbstractAdapter]:
@@ -189,20 +202,29 @@ def stack_adapters(models: Mapping[str, PyTree]) -> PyTree:
     first = models[names[0]]
     paths = _adapter_paths(first)
     if not paths:
-        raise ValueError(f"`models[{names[0]!r}]` has no adapters; adapt it with `lora_jax.loraify`.")
+        raise ValueError(
+            f"`models[{names[0]!r}]` has no adapters; adapt it with `lora_jax.loraify`."
+        )
     per_model = {}
     for name in names:
         found = _adapter_paths(models[name])
         if sorted(found) != sorted(paths):
             raise ValueError(
                 f"`models[{name!r}]` is adapted at {sorted(found)}, but "
-                f"`models[{names[0]!r}]` at {sorted(paths)}; all must be adapted at the same places."
+                f"`models[{names[0]!r}]` at {sorted(paths)}; all must be adapted at the same "
+                "places."
             )
         for p, v in found.items():
             if type(v) is not LoraArray:
-                raise TypeError(f"`models[{name!r}]` has a {type(v).__name__} at {p!r}; only LoraArray adapters stack.")
+                raise TypeError(
+                    f"`models[{name!r}]` has a {type(v).__name__} at {p!r}; only LoraArray "
+                    "adapters stack."
+                )
             if v._w.shape != paths[p]._w.shape:
-                raise ValueError(f"`models[{name!r}]`'s weight at {p!r} has shape {v._w.shape}, not {paths[p]._w.shape}.")
+                raise ValueError(
+                    f"`models[{name!r}]`'s weight at {p!r} has shape {v._w.shape}, not "
+                    f"{paths[p]._w.shape}."
+                )
         per_model[name] = found
 
     def swap(path, leaf):
@@ -252,7 +274,9 @@ def adapter_names(model: PyTree) -> tuple[str, ...]:
 
 def _index(names, name, argname) -> int:
     if name not in names:
-        raise ValueError(f"`{argname}` {name!r} is not an adapter of `model`; adapters: {list(names)}.")
+        raise ValueError(
+            f"`{argname}` {name!r} is not an adapter of `model`; adapters: {list(names)}."
+        )
     return names.index(name)
 
 
@@ -316,10 +340,14 @@ def set_adapter(
             i = _index(names, name, "which")
             w = check_scalar(w, f"which[{name!r}]")
             weights = weights.at[i].set(jnp.asarray(w, jnp.float32))
-    elif isinstance(which, (int, np.integer, jax.Array, np.ndarray)) and not isinstance(which, bool):
+    elif isinstance(which, (int, np.integer, jax.Array, np.ndarray)) and not isinstance(
+        which, bool
+    ):
         idx = jnp.asarray(which)
         if idx.shape != () or not jnp.issubdtype(idx.dtype, jnp.integer):
-            raise TypeError(f"`which` as an index must be an integer scalar, got {idx.dtype}{list(idx.shape)}.")
+            raise TypeError(
+                f"`which` as an index must be an integer scalar, got {idx.dtype}{list(idx.shape)}."
+            )
         if not isinstance(which, jax.core.Tracer) and not 0 <= int(which) < n:
             raise ValueError(f"`which` index {int(which)} is out of range for {n} adapters.")
         weights = jax.nn.one_hot(idx, n, dtype=jnp.float32)
@@ -378,9 +406,14 @@ def add_adapter(model: PyTree, name: str, adapted: PyTree) -> PyTree:
             return leaf
         v = new[path_name(path)]
         if type(v) is not LoraArray or v._w.shape != leaf._w.shape:
-            raise ValueError(f"`adapted` at {path_name(path)!r} is not a LoraArray of weight shape {leaf._w.shape}.")
+            raise ValueError(
+                f"`adapted` at {path_name(path)!r} is not a LoraArray of weight shape "
+                f"{leaf._w.shape}."
+            )
         out = _stack(leaf._w, [*_unstack(leaf), (name, v)], leaf)
-        return eqx.tree_at(lambda x: x.weights, out, jnp.concatenate([leaf.weights, jnp.zeros(1, jnp.float32)]))
+        return eqx.tree_at(
+            lambda x: x.weights, out, jnp.concatenate([leaf.weights, jnp.zeros(1, jnp.float32)])
+        )
 
     return jtu.tree_map_with_path(swap, model, is_leaf=_is_multi)
 
@@ -416,7 +449,9 @@ def delete_adapter(model: PyTree, name: str) -> PyTree:
     names = adapter_names(model)
     i = _index(names, name, "name")
     if len(names) == 1:
-        raise ValueError(f"`name` {name!r} is the only adapter; use `lora_jax.materialise` or keep it.")
+        raise ValueError(
+            f"`name` {name!r} is the only adapter; use `lora_jax.materialise` or keep it."
+        )
 
     def swap(leaf):
         if not _is_multi(leaf):
@@ -491,7 +526,9 @@ def combine_adapters(
         parts = dict(_unstack(leaf))
         chosen = [(parts[n], float(w)) for n, w in weights.items()]
         if how == "cat":
-            a = jnp.concatenate([v.a * (w * v.scaling).astype(v.a.dtype) for v, w in chosen], axis=-1)
+            a = jnp.concatenate(
+                [v.a * (w * v.scaling).astype(v.a.dtype) for v, w in chosen], axis=-1
+            )
             b = jnp.concatenate([v.b for v, _ in chosen], axis=-2)
         else:
             k = rank or max(v.rank for v, _ in chosen)
@@ -537,14 +574,19 @@ def put_adapter(model: PyTree, name: str, adapted: PyTree) -> PyTree:
     new = _adapter_paths(adapted)
     have = {p for p, v in _adapter_paths(model).items() if _is_multi(v)}
     if set(new) != have:
-        raise ValueError(f"`adapted` is adapted at {sorted(new)}, but `model`'s stack is at {sorted(have)}.")
+        raise ValueError(
+            f"`adapted` is adapted at {sorted(new)}, but `model`'s stack is at {sorted(have)}."
+        )
 
     def swap(path, leaf):
         if not _is_multi(leaf):
             return leaf
         v = new[path_name(path)]
         if type(v) is not LoraArray or v._w.shape != leaf._w.shape:
-            raise ValueError(f"`adapted` at {path_name(path)!r} is not a LoraArray of weight shape {leaf._w.shape}.")
+            raise ValueError(
+                f"`adapted` at {path_name(path)!r} is not a LoraArray of weight shape "
+                f"{leaf._w.shape}."
+            )
         parts = [(n, v if n == name else p) for n, p in _unstack(leaf)]
         out = _stack(leaf._w, parts, leaf)
         return eqx.tree_at(lambda x: x.weights, out, leaf.weights)

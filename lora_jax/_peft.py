@@ -436,7 +436,12 @@ PEFT_METHODS: dict[str, PeftMethod] = {
         peft_type="LOHA",
         adapter_type=LohaArray,
         flags={},
-        tensors=(("hada_w1_a", "w1a"), ("hada_w1_b", "w1b"), ("hada_w2_a", "w2a"), ("hada_w2_b", "w2b")),
+        tensors=(
+            ("hada_w1_a", "w1a"),
+            ("hada_w1_b", "w1b"),
+            ("hada_w2_a", "w2a"),
+            ("hada_w2_b", "w2b"),
+        ),
         layout=_loha_layout,
         dims=lambda fields: (fields["w1a"].shape[-2], fields["w1b"].shape[-1]),
         rank_of=lambda fields: fields["w1a"].shape[-1] if "w1a" in fields else None,
@@ -461,28 +466,78 @@ def _shapes(fields: dict) -> Shapes:
 # The config keys PEFT 0.21 defines, by peft_type. A key outside these with a value
 # that is not empty is refused: lora_jax cannot know what it would change.
 _COMMON_KEYS = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-    "revision", "inference_mode", "r", "target_modules", "exclude_modules",
-    "modules_to_save", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
     "alpha_pattern",
 }
 KNOWN_KEYS: dict[str, frozenset[str]] = {
-    "LORA": frozenset(_COMMON_KEYS | {
-        "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
-        "init_lora_weights", "megatron_config", "megatron_core",
-        "trainable_token_indices", "loftq_config", "eva_config", "corda_config",
-        "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens",
-        "use_qalora", "qalora_group_size", "monteclora_config", "layer_replication",
-        "runtime_config", "lora_bias", "target_parameters", "use_bdlora",
-        "arrow_config", "kasa_config", "ensure_weight_tying",
-    }),
-    "LOKR": frozenset(_COMMON_KEYS | {
-        "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d",
-        "decompose_both", "decompose_factor", "rank_dropout_scale", "init_weights",
-    }),
-    "LOHA": frozenset(_COMMON_KEYS | {
-        "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
-    }),
+    "LORA": frozenset(
+        _COMMON_KEYS
+        | {
+            "lora_alpha",
+            "lora_dropout",
+            "fan_in_fan_out",
+            "bias",
+            "use_rslora",
+            "init_lora_weights",
+            "megatron_config",
+            "megatron_core",
+            "trainable_token_indices",
+            "loftq_config",
+            "eva_config",
+            "corda_config",
+            "lora_ga_config",
+            "use_dora",
+            "velora_config",
+            "alora_invocation_tokens",
+            "use_qalora",
+            "qalora_group_size",
+            "monteclora_config",
+            "layer_replication",
+            "runtime_config",
+            "lora_bias",
+            "target_parameters",
+            "use_bdlora",
+            "arrow_config",
+            "kasa_config",
+            "ensure_weight_tying",
+        }
+    ),
+    "LOKR": frozenset(
+        _COMMON_KEYS
+        | {
+            "alpha",
+            "rank_dropout",
+            "module_dropout",
+            "use_effective_conv2d",
+            "decompose_both",
+            "decompose_factor",
+            "rank_dropout_scale",
+            "init_weights",
+        }
+    ),
+    "LOHA": frozenset(
+        _COMMON_KEYS
+        | {
+            "alpha",
+            "rank_dropout",
+            "module_dropout",
+            "use_effective_conv2d",
+            "init_weights",
+        }
+    ),
 }
 
 # Keys whose values change what the adapter computes in ways lora_jax does not
@@ -539,7 +594,10 @@ _VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "lora_alpha": (_is_real, "a finite number"),
     "alpha": (_is_real, "a finite number"),
-    "rank_pattern": (_is_pattern_map(lambda x: _is_int(x) and x > 0), "a map from regexes to positive integers"),
+    "rank_pattern": (
+        _is_pattern_map(lambda x: _is_int(x) and x > 0),
+        "a map from regexes to positive integers",
+    ),
     "alpha_pattern": (_is_pattern_map(_is_real), "a map from regexes to numbers"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
@@ -589,11 +647,12 @@ def method_for_config(config: dict, where: str) -> PeftMethod:
         if m.matches(config):
             break
     else:
-        flags = sorted({k for m in PEFT_METHODS.values() if m.peft_type == peft_type for k in m.flags})
+        flags = sorted(
+            {k for m in PEFT_METHODS.values() if m.peft_type == peft_type for k in m.flags}
+        )
         given = ", ".join(f"{k}={config.get(k)!r}" for k in flags)
         raise ValueError(
-            f"{where!r} asks for a {peft_type} variant ({given}) that lora_jax does not "
-            "support."
+            f"{where!r} asks for a {peft_type} variant ({given}) that lora_jax does not support."
         )
     known = KNOWN_KEYS[peft_type]
     for key, value in config.items():
@@ -634,7 +693,9 @@ def _check_name_map(name_map) -> Callable[[str], str]:
             return out
 
         return mapped
-    raise TypeError(f"`name_map` must be a dict, a callable or None; got {type(name_map).__name__}.")
+    raise TypeError(
+        f"`name_map` must be a dict, a callable or None; got {type(name_map).__name__}."
+    )
 
 
 def _split_key(key: str, suffixes, path: str):
@@ -949,7 +1010,10 @@ def save_peft(
             stacks[module] = value._w.shape[0]
         for name, one in _layers_of(path, value, m, mapped(module)).items():
             if name in layers_out:
-                raise ValueError(f"Two adapters of `model` would be saved as PEFT module {name!r}; check `name_map`.")
+                raise ValueError(
+                    f"Two adapters of `model` would be saved as PEFT module {name!r}; check "
+                    "`name_map`."
+                )
             layers_out[name] = one
     assert method is not None
     lengths = set(stacks.values()) or {1}
@@ -973,7 +1037,11 @@ def save_peft(
     adapted_modules = {path.rpartition(".")[0] for path in adapters}
     for name, leaf in biases.items():
         module = name.rpartition(".")[0]
-        key = f"{mapped(module)}.base_layer.bias" if module in adapted_modules else _torch_leaf(mapped, name)
+        key = (
+            f"{mapped(module)}.base_layer.bias"
+            if module in adapted_modules
+            else _torch_leaf(mapped, name)
+        )
         add_extra(name, key, leaf)
     modules_to_save = []
     for t in trainable or ():
@@ -1023,11 +1091,16 @@ def read_peft_dir(directory) -> tuple[dict, dict[str, np.ndarray]]:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         if os.path.exists(directory):
-            raise ValueError(f"{directory!r} is a file; a PEFT adapter is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}.")
+            raise ValueError(
+                f"{directory!r} is a file; a PEFT adapter is a directory holding {CONFIG_NAME} "
+                f"and {WEIGHTS_NAME}."
+            )
         raise FileNotFoundError(f"No PEFT adapter directory at {directory!r}.")
     cpath = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(cpath):
-        raise FileNotFoundError(f"{directory!r} has no {CONFIG_NAME}; is it a PEFT adapter directory?")
+        raise FileNotFoundError(
+            f"{directory!r} has no {CONFIG_NAME}; is it a PEFT adapter directory?"
+        )
     try:
         with open(cpath, encoding="utf-8") as f:
             config = json.load(f)
@@ -1061,7 +1134,12 @@ def _rank_alpha(config: dict, method: PeftMethod, module: str) -> tuple[int, flo
 
 
 def check_layer(
-    method: PeftMethod, config: dict, module: str, fields: dict, shape: tuple[int, ...] | None, where: str
+    method: PeftMethod,
+    config: dict,
+    module: str,
+    fields: dict,
+    shape: tuple[int, ...] | None,
+    where: str,
 ) -> tuple[int, float]:
     """Checks one PEFT module's tensors against the config and (when known) the
     weight's `(out, in)`: `(rank, scaling)`."""
@@ -1186,7 +1264,9 @@ def load_peft(
                 "`model` has none (build one with `lora_jax.stack_adapters`)."
             )
         if method.method != "lora":
-            raise ValueError(f"{cpath!r} holds a {method.method!r} adapter; stacked adapters are LoRA only.")
+            raise ValueError(
+                f"{cpath!r} holds a {method.method!r} adapter; stacked adapters are LoRA only."
+            )
         stacked = model
         model = jtu.tree_map(
             lambda x: x._w if isinstance(x, MultiLoraArray) else x, model, is_leaf=is_adapter
@@ -1207,7 +1287,9 @@ def load_peft(
     after_map = " (after `name_map`)" if name_map is not None else ""
 
     suffixes = dict(method.tensors)
-    factors: dict[str, dict[int | None, tuple[str, dict]]] = {}  # ours -> index -> (torch module, fields)
+    factors: dict[
+        str, dict[int | None, tuple[str, dict]]
+    ] = {}  # ours -> index -> (torch module, fields)
     plain: dict[str, dict[int | None, np.ndarray]] = {}  # our leaf -> index -> array
     for key, arr in tensors.items():
         rest, module, suffix = _split_key(key, suffixes, wpath)
@@ -1240,7 +1322,10 @@ def load_peft(
         like = leaves[ours]
         want = tuple(like.shape) if i is None else tuple(like.shape[1:])
         if i is not None and (len(like.shape) == 0 or i >= like.shape[0]):
-            raise ValueError(f"Tensor {key!r} in {wpath!r} is layer {i} of {ours!r}, which has {like.shape[0] if like.shape else 0}.")
+            raise ValueError(
+                f"Tensor {key!r} in {wpath!r} is layer {i} of {ours!r}, which has "
+                f"{like.shape[0] if like.shape else 0}."
+            )
         if tuple(arr.shape) != want:
             raise ValueError(
                 f"Tensor {key!r} in {wpath!r} has shape {tuple(arr.shape)}, but `model`'s "
@@ -1290,10 +1375,14 @@ def load_peft(
             try:
                 method.layout(tuple(batch), out, inp, ranks[0], config)
             except ValueError as e:
-                raise ValueError(f"{wpath!r} cannot be loaded into the stacked {ours!r}: {e}") from None
+                raise ValueError(
+                    f"{wpath!r} cannot be loaded into the stacked {ours!r}: {e}"
+                ) from None
         names = list(per_layer[0][1])
         arrays = {
-            f: np.stack([fields[f] for _, fields in per_layer]) if stacked_parts else per_layer[0][1][f]
+            f: np.stack([fields[f] for _, fields in per_layer])
+            if stacked_parts
+            else per_layer[0][1][f]
             for f in names
         }
         scaling = np.asarray(scalings if stacked_parts else scalings[0], np.float32)
@@ -1308,7 +1397,8 @@ def load_peft(
         if places != stack_places:
             raise ValueError(
                 f"{wpath!r} adapts {sorted(p.rpartition('.')[0] for p in places)}, but "
-                f"`model`'s stacked adapters are at {sorted(p.rpartition('.')[0] for p in stack_places)}; "
+                "`model`'s stacked adapters are at "
+                f"{sorted(p.rpartition('.')[0] for p in stack_places)}; "
                 "an adapter put into the stack must adapt the same places."
             )
         if plain:
@@ -1320,13 +1410,17 @@ def load_peft(
     for ours, parts in plain.items():
         like = leaves[ours]
         stacked_parts = any(i is not None for i in parts)
-        got = _gather(parts, like.shape[0] if stacked_parts else None, f"tensors of {ours!r}", wpath)
+        got = _gather(
+            parts, like.shape[0] if stacked_parts else None, f"tensors of {ours!r}", wpath
+        )
         plain_arrays[ours] = (np.stack(got) if stacked_parts else got[0]).astype(like.dtype)
 
     # Building.
     replacements: dict[str, Any] = {}
     for ours, weight_field, current, base, rank, arrays, scaling in plans:
-        replacements[f"{ours}.{weight_field}"] = _build(method, current, base, rank, arrays, scaling, config, dtype)
+        replacements[f"{ours}.{weight_field}"] = _build(
+            method, current, base, rank, arrays, scaling, config, dtype
+        )
 
     def swap(path, leaf):
         name = path_name(path)
@@ -1342,7 +1436,16 @@ def load_peft(
     return out
 
 
-def _build(method: PeftMethod, current, base, rank: int, arrays: dict, scaling: np.ndarray, config: dict, dtype):
+def _build(
+    method: PeftMethod,
+    current,
+    base,
+    rank: int,
+    arrays: dict,
+    scaling: np.ndarray,
+    config: dict,
+    dtype,
+):
     """The adapter value for one place: `current` (the model's adapter there) with its
     arrays replaced when it has the same structure, else a new value of the method
     (keeping `current`'s `stop_gradient`/`allow_materialise`)."""
@@ -1361,7 +1464,10 @@ def _build(method: PeftMethod, current, base, rank: int, arrays: dict, scaling: 
     else:
         flags = {}
         if is_adapter(current):
-            flags = {"stop_gradient": current.stop_gradient, "allow_materialise": current.allow_materialise}
+            flags = {
+                "stop_gradient": current.stop_gradient,
+                "allow_materialise": current.allow_materialise,
+            }
         value = method.new(base, rank, config, dtype, flags)
         new = {f: jnp.asarray(a) for f, a in arrays.items()}
     names = list(new)
@@ -1420,7 +1526,9 @@ def lora_jax_file_to_peft(src, dst, *, rslora: bool = False, adapter: str | None
         try:
             out, inp = method.dims(fields)
         except (KeyError, IndexError):
-            raise ValueError(f"{where!r}: the {method.method} adapter at {path!r} lacks tensors.") from None
+            raise ValueError(
+                f"{where!r}: the {method.method} adapter at {path!r} lacks tensors."
+            ) from None
         rank = int(info[path].get("rank", method.rank_of(fields) or 0))
         layers[module] = Layer(fields, float(scaling), rank, out, inp)
     extra = {}
@@ -1447,7 +1555,12 @@ def _pick_adapter(tensors, info, name):
     out, picked = {}, {}
     for path, entry in info.items():
         names, ranks = entry.get("names"), entry.get("ranks")
-        if not isinstance(names, list) or not isinstance(ranks, list) or name not in names or len(ranks) != len(names):
+        if (
+            not isinstance(names, list)
+            or not isinstance(ranks, list)
+            or name not in names
+            or len(ranks) != len(names)
+        ):
             raise ValueError(f"The stacked adapters at {path!r} are {names!r}, without {name!r}.")
         i = names.index(name)
         r = int(ranks[i])

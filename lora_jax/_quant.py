@@ -18,7 +18,7 @@ import quax
 from jaxtyping import Array, ArrayLike, Float, Int8, PyTree, Shaped, UInt8
 
 from ._base import AbstractAdapter, is_adapter
-from ._targets import path_name, Where
+from ._targets import Where, path_name
 from ._validate import check_choice, check_weight
 
 
@@ -104,9 +104,7 @@ def is_quantised(x) -> bool:
 
 def _float_weight(weight, name: str = "weight"):
     if isinstance(weight, quax.ArrayValue):
-        raise TypeError(
-            f"`{name}` must be a plain array to quantise, got {type(weight).__name__}."
-        )
+        raise TypeError(f"`{name}` must be a plain array to quantise, got {type(weight).__name__}.")
     check_weight(weight, name)
     return jnp.asarray(weight)
 
@@ -303,9 +301,7 @@ class NF4Array(AbstractQuantArray):
             return self.absmax
         out, inp = self.matrix_shape
         n_blocks = out * inp // self.block_size
-        return _absmax_dequantise(
-            self.absmax, self.absmax_scale, self.absmax_offset, n_blocks
-        )
+        return _absmax_dequantise(self.absmax, self.absmax_scale, self.absmax_offset, n_blocks)
 
     def dequantise(self) -> Array:
         """The weight as a plain array in its original dtype: each code's NF4 level
@@ -322,9 +318,7 @@ class NF4Array(AbstractQuantArray):
 def check_block_size(block_size, size: int, what: str = "the weight") -> int:
     name = "block_size"
     if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
-        raise TypeError(
-            f"`{name}` must be a positive even integer, got {block_size!r}."
-        )
+        raise TypeError(f"`{name}` must be a positive even integer, got {block_size!r}.")
     if block_size <= 0 or block_size % 2:
         raise ValueError(f"`{name}` must be a positive even integer, got {block_size}.")
     if size % block_size:
@@ -491,7 +485,7 @@ def quantise(
         ```
     """
     # Imported here: `_loraify` imports this module's `is_quantised`.
-    from ._loraify import _weight, find_targets, LAYERS
+    from ._loraify import LAYERS, _weight, find_targets
 
     check_choice(method, "method", ("nf4", "int8"))
     if not isinstance(double_quant, bool):

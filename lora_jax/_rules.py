@@ -102,12 +102,7 @@ def result_order(dims: Dims, adapter_ndim: int, other_ndim: int, params) -> tupl
     """
     n_free = adapter_ndim - len(dims.adapter_contract) - len(dims.adapter_batch)
     o_free = other_ndim - len(dims.other_contract) - len(dims.other_batch)
-    if (
-        not dims.adapter_lhs
-        or n_free != 1
-        or o_free == 0
-        or params.get("out_sharding") is not None
-    ):
+    if not dims.adapter_lhs or n_free != 1 or o_free == 0 or params.get("out_sharding") is not None:
         return dims, None
     nb = len(dims.adapter_batch)
     perm = (*range(nb), nb + o_free, *range(nb, nb + o_free))
@@ -149,8 +144,11 @@ def lowrank_product(a, b, other, dims: Dims, precision, out_sharding=None):
     n = a.ndim
     out_d, in_d = n - 2, n - 1
     lead = range(n - 2)
-    ac, oc, ab, ob = dims.adapter_contract, dims.other_contract, dims.adapter_batch, (
-        dims.other_batch
+    ac, oc, ab, ob = (
+        dims.adapter_contract,
+        dims.other_contract,
+        dims.adapter_batch,
+        (dims.other_batch),
     )
     if other.dtype != a.dtype:
         other = other.astype(a.dtype)
@@ -246,9 +244,7 @@ def lowrank_product(a, b, other, dims: Dims, precision, out_sharding=None):
 
 
 def _out_ndim(adapter_ndim: int, other_ndim: int, dims: Dims) -> int:
-    return adapter_ndim + other_ndim - 2 * len(dims.adapter_contract) - len(
-        dims.adapter_batch
-    )
+    return adapter_ndim + other_ndim - 2 * len(dims.adapter_contract) - len(dims.adapter_batch)
 
 
 def _other_position(dims: Dims, adapter_ndim: int, other_ndim: int, e: int) -> int:
@@ -301,9 +297,7 @@ def _einsum_product(a, b, other, dims: Dims, precision, out_sharding=None):
     other_sub = [s if s is not None else next(letters) for s in other_sub]
     batch = [adapter[d] for d in dims.adapter_batch]
     a_free = [adapter[d] for d in free_dims(n, dims.adapter_contract, dims.adapter_batch)]
-    o_free = [
-        other_sub[e] for e in free_dims(other.ndim, dims.other_contract, dims.other_batch)
-    ]
+    o_free = [other_sub[e] for e in free_dims(other.ndim, dims.other_contract, dims.other_batch)]
     out = batch + (a_free + o_free if dims.adapter_lhs else o_free + a_free)
     a_sub = adapter[:-1] + [rank]
     b_sub = adapter[:-2] + [rank, adapter[-1]]

@@ -150,9 +150,7 @@ def _(operand: AbstractAdapter, *, dst_sharding, concrete_mesh):
 @quax.register(sharding_constraint_p)
 def _(operand: AbstractAdapter, *, sharding, **params):
     def on_w(w):
-        return quax.quaxify(
-            lambda w: sharding_constraint_p.bind(w, sharding=sharding, **params)
-        )(w)
+        return quax.quaxify(lambda w: sharding_constraint_p.bind(w, sharding=sharding, **params))(w)
 
     if not isinstance(sharding, NamedSharding):
         return eqx.tree_at(lambda v: v._w, operand, on_w(operand._w))
@@ -194,9 +192,7 @@ def _check_axis(axis, argname: str):
         return axis
     if isinstance(axis, Sequence) and axis and all(isinstance(a, str) for a in axis):
         return tuple(axis)
-    raise TypeError(
-        f"`{argname}` must be a mesh axis name or a tuple of names, got {axis!r}."
-    )
+    raise TypeError(f"`{argname}` must be a mesh axis name or a tuple of names, got {axis!r}.")
 
 
 def _check_names(names, argname: str) -> tuple[str, ...]:
@@ -374,9 +370,7 @@ def _apply(rules, name, shape, mesh) -> tuple:
     return spec
 
 
-def partition_specs(
-    model: PyTree, mesh: Mesh, rules: Rule | Sequence[Rule]
-) -> PyTree:
+def partition_specs(model: PyTree, mesh: Mesh, rules: Rule | Sequence[Rule]) -> PyTree:
     """The `PartitionSpec` of every array of an (adapted) model under `rules`.
 
     **Arguments:**
@@ -517,6 +511,4 @@ def shard_model(model: PyTree, mesh: Mesh, rules: Rule | Sequence[Rule]) -> PyTr
         return jax.device_put(x, sharding)
 
     is_spec = lambda x: isinstance(x, PartitionSpec) or x is None
-    return jtu.tree_map(
-        lambda s, x: place(x, s), specs, model, is_leaf=is_spec
-    )
+    return jtu.tree_map(lambda s, x: place(x, s), specs, model, is_leaf=is_spec)

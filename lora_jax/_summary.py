@@ -151,8 +151,7 @@ def summary(
             row[2] += int(np.prod(leaf.shape))
     owners = _owner_types(model)
     table = tuple(
-        (name, _kind(owners.get(name, ""), kind), p, t)
-        for name, (kind, p, t) in rows.items()
+        (name, _kind(owners.get(name, ""), kind), p, t) for name, (kind, p, t) in rows.items()
     )
     total = sum(r[2] for r in table)
     train = sum(r[3] for r in table)

@@ -44,8 +44,7 @@ def check_key(key, name: str = "key"):
     if isinstance(key, jax.core.Tracer):
         return key
     raise TypeError(
-        f"`{name}` must be a JAX PRNG key (jax.random.key(...)), got "
-        f"{type(key).__name__}."
+        f"`{name}` must be a JAX PRNG key (jax.random.key(...)), got {type(key).__name__}."
     )
 
 

@@ -71,9 +71,7 @@ def randomise_model(model, key):
 
     leaves, treedef = jtu.tree_flatten(model, is_leaf=is_adapter)
     keys = jr.split(key, len(leaves))
-    leaves = [
-        randomise_factors(x, k) if is_adapter(x) else x for x, k in zip(leaves, keys)
-    ]
+    leaves = [randomise_factors(x, k) if is_adapter(x) else x for x, k in zip(leaves, keys)]
     return jtu.tree_unflatten(treedef, leaves)
 
 

@@ -62,7 +62,9 @@ def test_inspect_peft_dir(tmp_path, getkey, capsys):
     assert d["format"] == "peft" and d["peft_type"] == "LORA"
     assert d["rank"] == 4 and d["alpha"] == 8
     assert d["targets"] == {"layers.0": 4, "layers.1": 4, "layers.2": 4}
-    assert d["adapter_parameters"] == sum(lyr.weight.a.size + lyr.weight.b.size for lyr in model.layers)
+    assert d["adapter_parameters"] == sum(
+        lyr.weight.a.size + lyr.weight.b.size for lyr in model.layers
+    )
 
 
 def _outputs(model, xs):
@@ -89,7 +91,9 @@ def test_convert_both_ways(tmp_path, getkey, capsys):
     fresh = lora.loraify(base, rank=2, key=getkey(), rank_pattern={"layers.1": 4})
     loaded = lora.load_adapter(back, fresh)
     for lyr, ref in zip(loaded.layers, model.layers):
-        assert np.array_equal(lyr.weight.a, ref.weight.a) and np.array_equal(lyr.weight.b, ref.weight.b)
+        assert np.array_equal(lyr.weight.a, ref.weight.a) and np.array_equal(
+            lyr.weight.b, ref.weight.b
+        )
         assert np.asarray(lyr.weight.scaling).tobytes() == np.asarray(ref.weight.scaling).tobytes()
         assert np.array_equal(lyr.bias, ref.bias)
     assert np.allclose(_outputs(loaded, xs), want, atol=1e-5)
@@ -116,12 +120,19 @@ def test_module_entry_point(tmp_path, getkey):
     env = dict(os.environ, PYTHONPATH=pythonpath, JAX_PLATFORMS="cpu")
     run = subprocess.run(
         [sys.executable, "-m", "lora_jax", "inspect", str(path)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert "method" in run.stdout and "lora" in run.stdout
     run = subprocess.run(
-        [sys.executable, "-m", "lora_jax", "frobnicate"], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "lora_jax", "frobnicate"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert run.returncode == 2 and "invalid choice" in run.stderr
 
@@ -155,16 +166,23 @@ def test_inspect_and_convert_methods(tmp_path, getkey, capsys, method):
     assert main(["inspect", str(src), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["method"] == method and d["adapter_parameters"] == trainable
-    assert d["targets"] == {f"layers.{i}.weight": (3 if (method == "lokr" and i == 1) else 2) for i in range(3)}
+    assert d["targets"] == {
+        f"layers.{i}.weight": (3 if (method == "lokr" and i == 1) else 2) for i in range(3)
+    }
     # lora_jax -> PEFT: the directory describes the same adapter and loads into the base.
     peft_dir = tmp_path / "peft"
     assert main(["convert", str(src), str(peft_dir)]) == 0
     capsys.readouterr()
     assert main(["inspect", str(peft_dir), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["method"] == method and d["peft_type"] == {"dora": "LORA", "lokr": "LOKR", "loha": "LOHA"}[method]
+    assert (
+        d["method"] == method
+        and d["peft_type"] == {"dora": "LORA", "lokr": "LOKR", "loha": "LOHA"}[method]
+    )
     assert d["adapter_parameters"] == trainable
-    assert d["targets"] == {f"layers.{i}": (3 if (method == "lokr" and i == 1) else 2) for i in range(3)}
+    assert d["targets"] == {
+        f"layers.{i}": (3 if (method == "lokr" and i == 1) else 2) for i in range(3)
+    }
     _same_adapters(lora.load_peft(peft_dir, base), model)
     # PEFT -> lora_jax: the same tensors again, bitwise.
     back = tmp_path / "back.safetensors"
@@ -173,7 +191,9 @@ def test_inspect_and_convert_methods(tmp_path, getkey, capsys, method):
     _same_adapters(lora.load_adapter(back, fresh), model)
     assert main(["inspect", str(peft_dir)]) == 0
     text = capsys.readouterr().out
-    assert re.search(rf"^method\s+{method}$", text, re.M) and re.search(r"^\s+layers\.1  \(rank \d\)$", text, re.M)
+    assert re.search(rf"^method\s+{method}$", text, re.M) and re.search(
+        r"^\s+layers\.1  \(rank \d\)$", text, re.M
+    )
 
 
 def test_convert_one_of_stacked_adapters(tmp_path, getkey, capsys):
@@ -187,6 +207,8 @@ def test_convert_one_of_stacked_adapters(tmp_path, getkey, capsys):
     assert d["adapter_names"] == ["en", "fr"]
     assert d["adapter_parameters"] == lora.summary(en).trainable + lora.summary(fr).trainable
     assert main(["convert", str(src), str(tmp_path / "x")]) == 1
-    assert "stacked adapters ['en', 'fr']" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert (
+        "stacked adapters ['en', 'fr']" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    )
     assert main(["convert", str(src), str(tmp_path / "fr"), "--adapter", "fr"]) == 0
     _same_adapters(lora.load_peft(tmp_path / "fr", base), fr)

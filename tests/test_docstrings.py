@@ -65,9 +65,7 @@ DOCS = pathlib.Path(__file__).parent.parent / "docs"
 def _pages():
     pages = sorted(DOCS.rglob("*.md")) if DOCS.is_dir() else []
     return [
-        pytest.param(p, id=str(p.relative_to(DOCS)))
-        for p in pages
-        if _FENCE.search(p.read_text())
+        pytest.param(p, id=str(p.relative_to(DOCS))) for p in pages if _FENCE.search(p.read_text())
     ]
 
 

@@ -11,8 +11,9 @@ added to `lora_jax/__init__.py` without a row here (or a reason it needs none).
 import inspect
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -160,9 +161,7 @@ def _constructor_cases(name):
         ]
     if name == "LoraConvArray":
         cases += [("conv_form", dict(conv_form="dense"), ValueError, "`conv_form`")]
-    out = [
-        Case(f"{name}-{id}", name, _make(name, **kw), e, m) for id, kw, e, m in cases
-    ]
+    out = [Case(f"{name}-{id}", name, _make(name, **kw), e, m) for id, kw, e, m in cases]
     none = lambda ctx: cls(None, rank=2, key=jr.key(0))  # noqa: E731
     return out + [Case(f"{name}-weight-none", name, none, TypeError, "`weight`")]
 
@@ -370,13 +369,9 @@ def test_wrong_shape_in_a_product(name):
     value = _make(name)(None)
     out, inp = value.shape
     x = jnp.ones(inp + 1)
-    with pytest.raises(
-        TypeError, match="contracting dimensions to have the same shape"
-    ):
+    with pytest.raises(TypeError, match="contracting dimensions to have the same shape"):
         quax.quaxify(lambda w, x: w @ x)(value, x)
-    with pytest.raises(
-        TypeError, match="contracting dimensions to have the same shape"
-    ):
+    with pytest.raises(TypeError, match="contracting dimensions to have the same shape"):
         quax.quaxify(lambda w, x: x @ w)(value, jnp.ones(out + 1))
 
 
@@ -384,9 +379,7 @@ def test_wrong_channels_in_a_conv():
     value = _make("LoraConvArray")(None)  # (out=2, in=3, k=3)
     x = jnp.ones((1, 4, 5))
     with pytest.raises(ValueError, match="feature"):
-        quax.quaxify(lambda k, x: lax.conv_general_dilated(x, k, (1,), "SAME"))(
-            value, x
-        )
+        quax.quaxify(lambda k, x: lax.conv_general_dilated(x, k, (1,), "SAME"))(value, x)
 
 
 def test_operation_without_a_rule_names_the_way_out():

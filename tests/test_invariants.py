@@ -157,9 +157,7 @@ def test_frozen_leaves_unchanged_training_the_whole_model(row, getkey):
         if i == 0:
             for name, g in _frozen_fields(grads):
                 if jnp.issubdtype(g.dtype, jnp.inexact):
-                    assert not np.any(np.asarray(g)), (
-                        f"nonzero gradient on frozen {name}"
-                    )
+                    assert not np.any(np.asarray(g)), f"nonzero gradient on frozen {name}"
     assert losses[-1] < losses[0]
     before, after = _frozen_fields(adapted), _frozen_fields(model)
     assert [n for n, _ in before] == [n for n, _ in after]
@@ -232,9 +230,7 @@ def _merge_case(variant, key, dtype):
     return variant.build(w, k2)
 
 
-@pytest.mark.parametrize(
-    "variant", MERGE_VARIANTS, ids=[v.name for v in MERGE_VARIANTS]
-)
+@pytest.mark.parametrize("variant", MERGE_VARIANTS, ids=[v.name for v in MERGE_VARIANTS])
 def test_merge_then_unmerge(variant, getkey):
     dtype = jnp.bfloat16 if "bf16" in variant.name else jnp.float32
     v = _merge_case(variant, getkey(), dtype)
@@ -291,9 +287,7 @@ def _break(model, index, field, value):
 
 
 def test_safe_merge_passes_finite_models_unchanged(getkey):
-    adapted = randomise_model(
-        lora.loraify(_mlp(getkey()), rank=2, key=getkey()), getkey()
-    )
+    adapted = randomise_model(lora.loraify(_mlp(getkey()), rank=2, key=getkey()), getkey())
     safe = lora.materialise(adapted, safe_merge=True)
     plain = lora.materialise(adapted)
     assert jtu.tree_structure(safe) == jtu.tree_structure(plain)
@@ -330,9 +324,7 @@ def test_safe_merge_catches_overflow_of_finite_factors(getkey):
     adapted = eqx.tree_at(lambda m: m.layers[0].weight, adapted, big)
     leaves = jtu.tree_leaves(eqx.filter(adapted, eqx.is_array))
     assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in leaves)
-    assert not np.all(
-        np.isfinite(np.asarray(lora.materialise(adapted).layers[0].weight))
-    )
+    assert not np.all(np.isfinite(np.asarray(lora.materialise(adapted).layers[0].weight)))
     with pytest.raises(ValueError, match="'layers.0.weight'"):
         lora.materialise(adapted, safe_merge=True)
 

@@ -36,12 +36,15 @@ class Net(eqx.Module):
 
 def _adapted(key, **kw):
     k1, k2, k3 = jr.split(key, 3)
-    model = lora.loraify(Net(k1, kw.pop("base_dtype", jnp.float32)), key=k2, where=["layers.0", "layers.1"], **kw)
+    model = lora.loraify(
+        Net(k1, kw.pop("base_dtype", jnp.float32)), key=k2, where=["layers.0", "layers.1"], **kw
+    )
     return randomise_model(model, k3)
 
 
 def _dense_forward(model, x):
     """The adapted model written plainly: every weight w + s·a@b."""
+
     def lin(layer, x):
         f = lambda t: t.astype(jnp.float32)
         w = layer.weight
@@ -82,11 +85,17 @@ def test_roundtrip_bitwise(tmp_path, getkey, kw):
         eqx.tree_at(lambda m: m.layers, saved, [lora.materialise(lyr) for lyr in saved.layers]),
         key=getkey(),
         where=["layers.0", "layers.1"],
-        **{k: v for k, v in kw.items() if k not in ("base_dtype", "alpha", "rslora", "alpha_pattern")},
+        **{
+            k: v
+            for k, v in kw.items()
+            if k not in ("base_dtype", "alpha", "rslora", "alpha_pattern")
+        },
     )
     # (base weights of `fresh` are the merged ones; take the saved model's base back)
     fresh = eqx.tree_at(
-        lambda m: [lyr.weight._w for lyr in m.layers], fresh, [lyr.weight._w for lyr in saved.layers]
+        lambda m: [lyr.weight._w for lyr in m.layers],
+        fresh,
+        [lyr.weight._w for lyr in saved.layers],
     )
     loaded = lora.load_adapter(path, fresh)
     _bitwise_equal(loaded, saved)
@@ -153,7 +162,9 @@ def test_rank_mismatch_names_tensor(tmp_path, getkey):
     path = tmp_path / "a.safetensors"
     lora.save_adapter(path, _adapted(getkey(), rank=2))
     other = _adapted(getkey(), rank=2, rank_pattern={"layers.1": 3})
-    with pytest.raises(ValueError, match=r"'layers\.1\.weight\.a'.*shape \(5, 2\).*expects \(5, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"'layers\.1\.weight\.a'.*shape \(5, 2\).*expects \(5, 3\)"
+    ):
         lora.load_adapter(path, other)
 
 
@@ -169,7 +180,9 @@ def test_structure_mismatch(tmp_path, getkey):
     path = tmp_path / "a.safetensors"
     lora.save_adapter(path, _adapted(getkey(), rank=2))
     fewer = lora.loraify(Net(getkey()), rank=2, key=getkey(), where=["layers.0"])
-    with pytest.raises(ValueError, match=r"has tensor 'layers\.1\.weight\.a' that `model` does not have"):
+    with pytest.raises(
+        ValueError, match=r"has tensor 'layers\.1\.weight\.a' that `model` does not have"
+    ):
         lora.load_adapter(path, fewer)
     more = lora.loraify(Net(getkey()), rank=2, key=getkey())
     with pytest.raises(ValueError, match=r"lacks tensor 'head\.weight\.a'"):
@@ -258,12 +271,22 @@ def _layers_model(key):
 
 
 METHOD_CASES = {
-    "dora": lambda m, k: lora.loraify(m, rank=2, alpha=3.0, method="dora", key=k, where=["layers.0", "layers.1"]),
-    "dora_rslora_bf16": lambda m, k: lora.loraify(m, rank=2, alpha=3.0, rslora=True, method="dora", dtype=jnp.bfloat16, key=k),
+    "dora": lambda m, k: lora.loraify(
+        m, rank=2, alpha=3.0, method="dora", key=k, where=["layers.0", "layers.1"]
+    ),
+    "dora_rslora_bf16": lambda m, k: lora.loraify(
+        m, rank=2, alpha=3.0, rslora=True, method="dora", dtype=jnp.bfloat16, key=k
+    ),
     "lokr": lambda m, k: lora.loraify(m, rank=2, method="lokr", key=k),
-    "lokr_decompose_both": lambda m, k: lora.loraify(m, rank=1, alpha=2.0, method="lokr", decompose_both=True, key=k),
-    "lokr_factor": lambda m, k: lora.loraify(m, rank=2, method="lokr", decompose_factor=2, rank_dropout=0.1, key=k),
-    "loha": lambda m, k: lora.loraify(m, rank=2, alpha=5.0, method="loha", key=k, rank_pattern={"head": 3}),
+    "lokr_decompose_both": lambda m, k: lora.loraify(
+        m, rank=1, alpha=2.0, method="lokr", decompose_both=True, key=k
+    ),
+    "lokr_factor": lambda m, k: lora.loraify(
+        m, rank=2, method="lokr", decompose_factor=2, rank_dropout=0.1, key=k
+    ),
+    "loha": lambda m, k: lora.loraify(
+        m, rank=2, alpha=5.0, method="loha", key=k, rank_pattern={"head": 3}
+    ),
     "conv_embedding": lambda m, k: lora.loraify(m, rank=2, key=k, where=["conv", "emb"]),
 }
 
@@ -277,7 +300,9 @@ def test_every_method_roundtrip_bitwise(tmp_path, getkey, case):
     lora.save_adapter(path, saved)
     _, meta = lio.read_safetensors(path)
     methods = {e["method"] for e in json.loads(meta["adapters"]).values()}
-    assert methods == ({"lora_conv", "lora_embedding"} if case == "conv_embedding" else {case.split("_")[0]})
+    assert methods == (
+        {"lora_conv", "lora_embedding"} if case == "conv_embedding" else {case.split("_")[0]}
+    )
     # A model adapted the same way with other values takes the saved ones, bitwise.
     fresh = build(base, getkey())
     assert not _equal_bytes(fresh, saved)
@@ -303,8 +328,12 @@ def test_lokr_fields_saved_as_held(tmp_path, getkey):
     tensors, _ = lio.read_safetensors(path)
     for name in ("big", "small"):
         v = model[name].weight
-        held = {f for f in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b") if getattr(v, f) is not None}
-        in_file = {k.rpartition(".")[2] for k in tensors if k.startswith(f"{name}.weight.")} - {"scaling"}
+        held = {
+            f for f in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b") if getattr(v, f) is not None
+        }
+        in_file = {k.rpartition(".")[2] for k in tensors if k.startswith(f"{name}.weight.")} - {
+            "scaling"
+        }
         assert in_file == held
     # A LoKr model with the other structure does not take the file.
     other = lora.loraify(base, rank=1, method="lokr", key=getkey())
@@ -316,7 +345,10 @@ def test_method_mismatch_names_place(tmp_path, getkey):
     base = Net(getkey())
     path = tmp_path / "a.safetensors"
     lora.save_adapter(path, lora.loraify(base, rank=2, method="dora", key=getkey()))
-    with pytest.raises(ValueError, match=r"holds a 'dora' adapter at 'layers\.0\.weight', but `model` has a 'lora' adapter"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds a 'dora' adapter at 'layers\.0\.weight', but `model` has a 'lora' adapter",
+    ):
         lora.load_adapter(path, lora.loraify(base, rank=2, key=getkey()))
 
 
@@ -336,11 +368,20 @@ def _model_and_file(tmp_path, getkey):
 
 
 HOSTILE = {
-    "oversized_header": (lambda data: (2**40).to_bytes(8, "little") + data[8:], "header claims 1099511627776 bytes, more than"),
+    "oversized_header": (
+        lambda data: (2**40).to_bytes(8, "little") + data[8:],
+        "header claims 1099511627776 bytes, more than",
+    ),
     "trailing_bytes": (lambda data: data + b"\0" * 8, "8 bytes after its last tensor"),
     "flipped_bit": (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "does not match the checksum"),
     "overlap": (
-        lambda data: _raw({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "y": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+        lambda data: _raw(
+            {
+                "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "y": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            },
+            b"\0" * 8,
+        ),
         "'y' overlaps the tensor before it",
     ),
     "hole": (
@@ -348,11 +389,15 @@ HOSTILE = {
         "'x' leaves a hole of 4 bytes",
     ),
     "overflowing_shape": (
-        lambda data: _raw({"x": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 4]}}, b"\0" * 4),
+        lambda data: _raw(
+            {"x": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 4]}}, b"\0" * 4
+        ),
         "'x' has 4 bytes of data, but shape",
     ),
     "negative_shape": (
-        lambda data: _raw({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        lambda data: _raw(
+            {"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4
+        ),
         "'x' has a malformed entry",
     ),
     "unknown_dtype": (
@@ -365,7 +410,10 @@ HOSTILE = {
         ),
         "the key 'x' appears twice",
     ),
-    "metadata_not_strings": (lambda data: _raw({"__metadata__": {"format": 1}}), "`__metadata__` is not a map of strings"),
+    "metadata_not_strings": (
+        lambda data: _raw({"__metadata__": {"format": 1}}),
+        "`__metadata__` is not a map of strings",
+    ),
     "header_not_object": (lambda data: _raw([1, 2]), "header is not a JSON object"),
 }
 
@@ -376,7 +424,10 @@ def test_hostile_files(tmp_path, getkey, case):
     corrupt, message = HOSTILE[case]
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(corrupt(path.read_bytes()))
-    with pytest.raises(ValueError, match=r"bad\.safetensors' is not a valid safetensors file: .*" + re.escape(message)):
+    with pytest.raises(
+        ValueError,
+        match=r"bad\.safetensors' is not a valid safetensors file: .*" + re.escape(message),
+    ):
         lora.load_adapter(bad, model)
 
 
@@ -387,9 +438,18 @@ def test_hostile_metadata(tmp_path, getkey):
     for change, message in [
         ({"adapters": "[1]"}, "malformed metadata 'adapters'"),
         ({"adapters": "{"}, "missing or malformed metadata 'adapters'"),
-        ({"adapters": json.dumps({"layers.0.weight": {"method": "magic"}})}, "as {'method': 'magic'}; this lora_jax knows"),
-        ({"adapters": json.dumps({"nowhere.weight": {"method": "lora"}})}, "lists an adapter at 'nowhere.weight' but holds no tensor"),
-        ({"extras": json.dumps(["ghost.bias"])}, "lists the tensor 'ghost.bias' but does not hold it"),
+        (
+            {"adapters": json.dumps({"layers.0.weight": {"method": "magic"}})},
+            "as {'method': 'magic'}; this lora_jax knows",
+        ),
+        (
+            {"adapters": json.dumps({"nowhere.weight": {"method": "lora"}})},
+            "lists an adapter at 'nowhere.weight' but holds no tensor",
+        ),
+        (
+            {"extras": json.dumps(["ghost.bias"])},
+            "lists the tensor 'ghost.bias' but does not hold it",
+        ),
         ({"trainable": "5"}, "malformed metadata 'trainable'"),
         ({"train_bias": "some"}, "malformed metadata `train_bias='some'`"),
         ({"format_version": "99"}, "format version '99'"),
@@ -407,7 +467,9 @@ def test_validation_before_any_work(tmp_path, getkey, monkeypatch):
     calls = []
     real = lio._replace_leaves
     monkeypatch.setattr(lio, "_replace_leaves", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(lio, "_to_device", lambda *a: pytest.fail("moved a tensor before validating"))
+    monkeypatch.setattr(
+        lio, "_to_device", lambda *a: pytest.fail("moved a tensor before validating")
+    )
     other = _adapted(getkey(), rank=2, rank_pattern={"layers.1": 3})
     with pytest.raises(ValueError, match=r"'layers\.1\.weight\.a'"):
         lora.load_adapter(path, other)
@@ -440,15 +502,21 @@ def test_interrupted_peft_save_keeps_old_directory(tmp_path, getkey, monkeypatch
 def test_peft_validation_before_any_work(tmp_path, getkey, monkeypatch):
     import lora_jax._peft as lpeft
 
-    lora.save_peft(tmp_path, lora.loraify(Net(getkey()), rank=2, key=getkey(), where=["layers.0", "layers.1"]))
-    monkeypatch.setattr(lpeft, "_build", lambda *a: pytest.fail("built an adapter before validating"))
+    lora.save_peft(
+        tmp_path, lora.loraify(Net(getkey()), rank=2, key=getkey(), where=["layers.0", "layers.1"])
+    )
+    monkeypatch.setattr(
+        lpeft, "_build", lambda *a: pytest.fail("built an adapter before validating")
+    )
 
     class Other(eqx.Module):  # layers.1 is (7, 6) here, not (5, 6): checked after layers.0
         layers: list
         head: eqx.nn.Linear
 
     k1, k2, k3 = jr.split(getkey(), 3)
-    other = Other([eqx.nn.Linear(4, 6, key=k1), eqx.nn.Linear(6, 7, key=k2)], eqx.nn.Linear(7, 3, key=k3))
+    other = Other(
+        [eqx.nn.Linear(4, 6, key=k1), eqx.nn.Linear(6, 7, key=k2)], eqx.nn.Linear(7, 3, key=k3)
+    )
     with pytest.raises(ValueError, match=r"layers\.1\.lora_B\.weight has shape \(5, 2\)"):
         lora.load_peft(tmp_path, other)
 

@@ -4,8 +4,9 @@ plainly here, no-op at init, materialise, training with a frozen base, parameter
 no materialised weight in the jaxpr, no recompiles."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -179,9 +180,7 @@ def row(request):
 
 def _setup(row, getkey):
     layer, adapted = _adapt(row, getkey())
-    adapted = eqx.tree_at(
-        lambda l: l.weight, adapted, randomise_factors(adapted.weight, getkey())
-    )
+    adapted = eqx.tree_at(lambda l: l.weight, adapted, randomise_factors(adapted.weight, getkey()))
     x = row.input(getkey())
     return layer, adapted, x
 
@@ -324,7 +323,9 @@ def test_balanced_is_alf_matrix_factorisation(getkey):
     A = jnp.transpose(lw.a[..., 0], (0, 2, 1)).reshape(out * k0, r)
     B = lw.b[:, :, 0, :].reshape(r, inp * k1)
     as_matrix = lambda k: jnp.transpose(k, (0, 2, 1, 3)).reshape(out * k0, inp * k1)
-    np.testing.assert_allclose(as_matrix(lw.merge()), as_matrix(w) + lw.scaling * A @ B, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        as_matrix(lw.merge()), as_matrix(w) + lw.scaling * A @ B, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_peft_conv_is_two_convs(getkey):
@@ -344,29 +345,31 @@ def test_embedding_lookups(getkey):
     out-of-bounds id (filled), fancy indexing, slices, and a tied output head."""
     emb = eqx.nn.Embedding(11, 5, key=getkey())
     adapted = lora.loraify(emb, rank=2, alpha=3.0, key=getkey(), where=lambda n, l: True)
-    adapted = eqx.tree_at(
-        lambda e: e.weight, adapted, randomise_factors(adapted.weight, getkey())
-    )
+    adapted = eqx.tree_at(lambda e: e.weight, adapted, randomise_factors(adapted.weight, getkey()))
     lw = adapted.weight
     dense = lw._w + lw.scaling * lw.a @ lw.b
     ids = jnp.array([0, 4, 10, -1])
     q = quax.quaxify
     np.testing.assert_allclose(
-        eqx.filter_jit(lambda m, i: jax.vmap(q(lambda m, i: m(i)), (None, 0))(m, i))(
-            adapted, ids
-        ),
+        eqx.filter_jit(lambda m, i: jax.vmap(q(lambda m, i: m(i)), (None, 0))(m, i))(adapted, ids),
         dense[ids],
         rtol=1e-5,
         atol=1e-5,
     )
     np.testing.assert_allclose(q(adapted)(3), dense[3], rtol=1e-5, atol=1e-5)
     take = jax.jit(q(lambda w, i: jnp.take(w, i, axis=0)))(lw, jnp.array([2, 11]))
-    np.testing.assert_allclose(take, jnp.take(dense, jnp.array([2, 11]), axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        take, jnp.take(dense, jnp.array([2, 11]), axis=0), rtol=1e-5, atol=1e-5
+    )
     idx = jnp.array([[1, 2], [3, 4]])
     np.testing.assert_allclose(jax.jit(q(lambda w: w[idx]))(lw), dense[idx], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jax.jit(q(lambda w: w[2:9:3, 1:4]))(lw), dense[2:9:3, 1:4], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(q(lambda w: w[2:9:3, 1:4]))(lw), dense[2:9:3, 1:4], rtol=1e-5, atol=1e-5
+    )
     h = jr.normal(getkey(), (3, 5))
-    np.testing.assert_allclose(jax.jit(q(lambda w, h: h @ w.T))(lw, h), h @ dense.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        jax.jit(q(lambda w, h: h @ w.T))(lw, h), h @ dense.T, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_peft_embedding_init(getkey):
@@ -396,11 +399,16 @@ def test_conv_errors(getkey):
 def test_default_targets_linear_only(getkey):
     """`where=None` adapts Linear only (quax's loraify); convs and embeddings when
     named."""
-    model = [eqx.nn.Conv2d(2, 3, 3, key=getkey()), eqx.nn.Embedding(4, 3, key=getkey()),
-             eqx.nn.Linear(3, 2, key=getkey())]
+    model = [
+        eqx.nn.Conv2d(2, 3, 3, key=getkey()),
+        eqx.nn.Embedding(4, 3, key=getkey()),
+        eqx.nn.Linear(3, 2, key=getkey()),
+    ]
     adapted = lora.loraify(model, rank=1, key=getkey())
     assert [type(m.weight).__name__ for m in adapted] == ["ArrayImpl", "ArrayImpl", "LoraArray"]
     adapted = lora.loraify(model, rank=1, key=getkey(), where=["0", "1"])
     assert [type(m.weight).__name__ for m in adapted] == [
-        "LoraConvArray", "LoraEmbeddingArray", "ArrayImpl"
+        "LoraConvArray",
+        "LoraEmbeddingArray",
+        "ArrayImpl",
     ]

@@ -110,9 +110,7 @@ def test_targeting(kw, expected, getkey):
     net = Net(getkey())
     assert len(_names(net, **kw)) == expected
     adapted = lora.loraify(net, rank=2, key=getkey(), **kw)
-    n_adapters = sum(
-        lora.is_adapter(x) for x in jax.tree.leaves(adapted, is_leaf=lora.is_adapter)
-    )
+    n_adapters = sum(lora.is_adapter(x) for x in jax.tree.leaves(adapted, is_leaf=lora.is_adapter))
     assert n_adapters == expected
     assert "head" not in _names(net, where="all-linear")
 
@@ -257,7 +255,10 @@ def test_training_lowers_loss_and_keeps_base_bitwise(getkey):
     # The merged model computes what the adapted one does.
     merged = lora.materialise(trained)
     np.testing.assert_allclose(
-        quax.quaxify(lambda m, x: jax.vmap(m)(x))(trained, x), jax.vmap(merged)(x), rtol=1e-4, atol=1e-5
+        quax.quaxify(lambda m, x: jax.vmap(m)(x))(trained, x),
+        jax.vmap(merged)(x),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 

@@ -17,8 +17,8 @@ import lora_jax as lora
 
 from .helpers import (
     dense_dora,
-    dense_lokr,
     dense_loha,
+    dense_lokr,
     dense_lora,
     randomise_factors,
     tree_allclose,
@@ -181,8 +181,14 @@ def test_init_is_noop(variant, getkey):
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_materialise_equals_forward(variant, getkey):
     model = eqx.nn.Linear(IN, OUT, key=getkey())
-    model = lora.loraify(model, rank=variant.rank, alpha=variant.alpha, key=getkey(),
-                         method=variant.method, **variant.options)
+    model = lora.loraify(
+        model,
+        rank=variant.rank,
+        alpha=variant.alpha,
+        key=getkey(),
+        method=variant.method,
+        **variant.options,
+    )
     model = eqx.tree_at(lambda m: m.weight, model, randomise_factors(model.weight, getkey()))
     x = jr.normal(getkey(), (IN,))
     merged = lora.materialise(model)
@@ -196,8 +202,14 @@ def test_materialise_equals_forward(variant, getkey):
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_training_lowers_loss_with_frozen_base(variant, getkey):
     model = eqx.nn.Linear(IN, OUT, key=getkey())
-    model = lora.loraify(model, rank=variant.rank, alpha=variant.alpha, key=getkey(),
-                         method=variant.method, **variant.options)
+    model = lora.loraify(
+        model,
+        rank=variant.rank,
+        alpha=variant.alpha,
+        key=getkey(),
+        method=variant.method,
+        **variant.options,
+    )
     # A reachable target: the same adapter with its trainable fields moved at random.
     fields = trainable(model.weight)
     keys = dict(zip(fields, jr.split(getkey(), len(fields))))
@@ -234,8 +246,14 @@ def test_training_lowers_loss_with_frozen_base(variant, getkey):
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_parameter_count_matches_peft(variant, getkey):
     mlp = eqx.nn.MLP(IN, OUT, width_size=OUT, depth=1, key=getkey())
-    model = lora.loraify(mlp, rank=variant.rank, alpha=variant.alpha, key=getkey(),
-                         method=variant.method, **variant.options)
+    model = lora.loraify(
+        mlp,
+        rank=variant.rank,
+        alpha=variant.alpha,
+        key=getkey(),
+        method=variant.method,
+        **variant.options,
+    )
     expected = peft_param_count(variant, OUT, IN) + peft_param_count(variant, OUT, OUT)
     assert lora.summary(model).trainable == expected
 
@@ -268,14 +286,22 @@ def _stack_dense(v):
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_multihead_attention(variant, getkey):
     mha = eqx.nn.MultiheadAttention(num_heads=2, query_size=OUT, key=getkey())
-    model = lora.loraify(mha, rank=variant.rank, alpha=variant.alpha, key=getkey(),
-                         method=variant.method, **variant.options)
+    model = lora.loraify(
+        mha,
+        rank=variant.rank,
+        alpha=variant.alpha,
+        key=getkey(),
+        method=variant.method,
+        **variant.options,
+    )
     leaves, treedef = jax.tree.flatten(model, is_leaf=lora.is_adapter)
     assert sum(map(lora.is_adapter, leaves)) == 4
     model = jax.tree.unflatten(
         treedef,
-        [randomise_factors(x, jr.fold_in(getkey(), i)) if lora.is_adapter(x) else x
-         for i, x in enumerate(leaves)],
+        [
+            randomise_factors(x, jr.fold_in(getkey(), i)) if lora.is_adapter(x) else x
+            for i, x in enumerate(leaves)
+        ],
     )
     q = jr.normal(getkey(), (5, OUT))
     kv = jr.normal(getkey(), (7, OUT))
@@ -324,7 +350,9 @@ def test_lokr_gpu_contraction_matches_dense(variant, getkey, monkeypatch, reques
     x = jr.normal(getkey(), (5, IN))
     np.testing.assert_allclose(
         quax.quaxify(jax.vmap(lambda w, x: w @ x, in_axes=(None, 0)))(v, x),
-        x @ dense(v).T, rtol=1e-4, atol=1e-4,
+        x @ dense(v).T,
+        rtol=1e-4,
+        atol=1e-4,
     )
 
     def loss(fields, x):
@@ -377,8 +405,9 @@ def test_dora_magnitude_starts_at_row_norms(getkey):
 )
 def test_bad_options_raise(method, options, match, getkey):
     with pytest.raises((ValueError, TypeError), match=match):
-        lora.loraify(eqx.nn.Linear(IN, OUT, key=getkey()), rank=2, key=getkey(),
-                     method=method, **options)
+        lora.loraify(
+            eqx.nn.Linear(IN, OUT, key=getkey()), rank=2, key=getkey(), method=method, **options
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,8 +429,9 @@ def _dense_dropout_forward(v, x):
     if isinstance(v, lora.DoraArray):
         xd = x * _keep(key, v.dropout, x.shape) / (1 - v.dropout)
         g = v.m / jnp.linalg.norm(dense_lora(v._w, v.a, v.b, v.scaling), axis=-1)
-        return (x @ v._w.T + (g - 1)[None] * (xd @ v._w.T)
-                + g[None] * v.scaling * (xd @ (v.a @ v.b).T))
+        return (
+            x @ v._w.T + (g - 1)[None] * (xd @ v._w.T) + g[None] * v.scaling * (xd @ (v.a @ v.b).T)
+        )
     k_rank, k_module = jr.split(key)
     if isinstance(v, lora.LokrArray):
         delta = dense_lokr(jnp.zeros_like(v._w), *v.factors(), v.scaling)
@@ -420,7 +450,9 @@ DROPOUT_VARIANTS = [
     Variant("lora-dropout", "lora", 3, {"dropout": 0.5}),
     Variant("dora-dropout", "dora", 3, {"dropout": 0.5}),
     Variant("lokr-rank-dropout", "lokr", 2, {"rank_dropout": 0.5}),
-    Variant("lokr-rank-dropout-scale", "lokr", 2, {"rank_dropout": 0.5, "rank_dropout_scale": True}),
+    Variant(
+        "lokr-rank-dropout-scale", "lokr", 2, {"rank_dropout": 0.5, "rank_dropout_scale": True}
+    ),
     Variant("lokr-module-dropout", "lokr", 2, {"module_dropout": 0.5, "rank_dropout": 0.3}),
     Variant("loha-rank-dropout", "loha", 2, {"rank_dropout": 0.5}),
     Variant("loha-module-dropout", "loha", 2, {"module_dropout": 0.5}),

@@ -50,8 +50,12 @@ def test_select_disable_mix(setup, getkey):
     assert lora.adapter_names(model) == ("en", "fr")
     assert model.layers[0].weight.a.shape == (2, 5, 3)  # ranks padded to 3
     assert np.allclose(_call(model, x), _dense(base, x, [(1.0, en)]), atol=1e-5)
-    assert np.allclose(_call(lora.set_adapter(model, "fr"), x), _dense(base, x, [(1.0, fr)]), atol=1e-5)
-    assert np.allclose(_call(lora.set_adapter(model, 0), x), _dense(base, x, [(1.0, en)]), atol=1e-5)
+    assert np.allclose(
+        _call(lora.set_adapter(model, "fr"), x), _dense(base, x, [(1.0, fr)]), atol=1e-5
+    )
+    assert np.allclose(
+        _call(lora.set_adapter(model, 0), x), _dense(base, x, [(1.0, en)]), atol=1e-5
+    )
     assert np.allclose(_call(lora.set_adapter(model, None), x), base(x), atol=1e-5)
     mixed = lora.set_adapter(model, {"en": 0.3, "fr": -0.7})
     assert np.allclose(_call(mixed, x), _dense(base, x, [(0.3, en), (-0.7, fr)]), atol=1e-5)
@@ -94,10 +98,14 @@ def test_add_delete(setup, getkey):
     assert model3.layers[1].weight.a.shape[-1] == 4
     x = jr.normal(getkey(), (4,))
     assert np.allclose(_call(model3, x), _dense(base, x, [(1.0, en)]), atol=1e-5)  # still "en"
-    assert np.allclose(_call(lora.set_adapter(model3, "de"), x), _dense(base, x, [(1.0, de)]), atol=1e-5)
+    assert np.allclose(
+        _call(lora.set_adapter(model3, "de"), x), _dense(base, x, [(1.0, de)]), atol=1e-5
+    )
     model2 = lora.delete_adapter(model3, "en")
     assert lora.adapter_names(model2) == ("fr", "de")
-    assert np.allclose(_call(lora.set_adapter(model2, "fr"), x), _dense(base, x, [(1.0, fr)]), atol=1e-5)
+    assert np.allclose(
+        _call(lora.set_adapter(model2, "fr"), x), _dense(base, x, [(1.0, fr)]), atol=1e-5
+    )
     with pytest.raises(ValueError, match="`name` 'fr' is already"):
         lora.add_adapter(model, "fr", de)
     with pytest.raises(ValueError, match="`which` 'it' is not an adapter.*'en', 'fr'"):
@@ -124,7 +132,16 @@ def test_combine(setup, getkey):
     # Reference: the rank-1 truncated SVD of the summed update, written with numpy.
     for i in range(2):
         d = sum(
-            c * np.asarray(dense_lora(m.layers[i].weight._w, m.layers[i].weight.a, m.layers[i].weight.b, m.layers[i].weight.scaling) - m.layers[i].weight._w)
+            c
+            * np.asarray(
+                dense_lora(
+                    m.layers[i].weight._w,
+                    m.layers[i].weight.a,
+                    m.layers[i].weight.b,
+                    m.layers[i].weight.scaling,
+                )
+                - m.layers[i].weight._w
+            )
             for c, m in [(0.4, en), (1.5, fr)]
         )
         u, s, vt = np.linalg.svd(d)
@@ -153,16 +170,20 @@ def test_save_load_every_adapter(setup, tmp_path, getkey):
     lora.save_adapter(path, model)
     _, meta = read_safetensors(path)
     assert json.loads(meta["adapter_names"]) == ["en", "fr"] and meta["method"] == "multi_lora"
-    fresh = lora.stack_adapters({
-        "en": lora.loraify(base, rank=2, key=getkey()),
-        "fr": lora.loraify(base, rank=3, key=getkey()),
-    })
+    fresh = lora.stack_adapters(
+        {
+            "en": lora.loraify(base, rank=2, key=getkey()),
+            "fr": lora.loraify(base, rank=3, key=getkey()),
+        }
+    )
     loaded = lora.load_adapter(path, fresh)
     _bytes_equal(loaded, model)  # factors, scalings and the mixing weights
     x = jr.normal(getkey(), (4,))
     assert np.allclose(_call(loaded, x), _dense(base, x, [(0.3, en), (0.7, fr)]), atol=1e-5)
     other = lora.stack_adapters({"en": en, "de": fr})
-    with pytest.raises(ValueError, match=r"with names \['en', 'fr'\], but `model` has \['en', 'de'\]"):
+    with pytest.raises(
+        ValueError, match=r"with names \['en', 'fr'\], but `model` has \['en', 'de'\]"
+    ):
         lora.load_adapter(path, other)
     same_shapes = lora.stack_adapters({"en": lora.loraify(base, rank=3, key=getkey()), "fr": fr})
     with pytest.raises(ValueError, match=r"with ranks \[2, 3\], but `model` has \[3, 3\]"):

@@ -120,14 +120,20 @@ def _bump_biases(model, key, which="all"):
     loading them is visible in the outputs."""
     layers = which in ("layers", "all")
     head = which in ("head", "all")
-    get = lambda m: ((m.layers[0].bias, m.layers[1].bias) if layers else ()) + ((m.head.bias,) if head else ())
+    get = lambda m: (
+        ((m.layers[0].bias, m.layers[1].bias) if layers else ()) + ((m.head.bias,) if head else ())
+    )
     keys = jr.split(key, 3)
     return eqx.tree_at(get, model, tuple(jr.normal(k, b.shape) for k, b in zip(keys, get(model))))
 
 
 def _assert_same_adapters(got, want):
     """Every saved field and the scaling of every adapter, bitwise."""
-    for g, w in [(got.layers[0].weight, want.layers[0].weight), (got.layers[1].weight, want.layers[1].weight), (got.head.weight, want.head.weight)]:
+    for g, w in [
+        (got.layers[0].weight, want.layers[0].weight),
+        (got.layers[1].weight, want.layers[1].weight),
+        (got.head.weight, want.head.weight),
+    ]:
         assert type(g) is type(w)
         if not lora.is_adapter(w):
             continue
@@ -147,20 +153,38 @@ EXPORT_CASES = {
         loraify=dict(rank=2, alpha=4.0, rank_pattern={"layers.1": 3}, alpha_pattern={"head": 7.0}),
         save=dict(),
     ),
-    "bias_lora_only": dict(loraify=dict(rank=2, where=TWO), save=dict(train_bias="lora_only"), bias="layers"),
+    "bias_lora_only": dict(
+        loraify=dict(rank=2, where=TWO), save=dict(train_bias="lora_only"), bias="layers"
+    ),
     "bias_all": dict(loraify=dict(rank=2, where=TWO), save=dict(train_bias="all"), bias="all"),
-    "modules_to_save": dict(loraify=dict(rank=2, where=TWO), save=dict(trainable=["head"]), bias="head"),
+    "modules_to_save": dict(
+        loraify=dict(rank=2, where=TWO), save=dict(trainable=["head"]), bias="head"
+    ),
     "dora": dict(loraify=dict(method="dora", rank=2, alpha=4.0), save=dict()),
     "dora_rslora_patterns": dict(
         loraify=dict(method="dora", rank=2, alpha=3.0, rslora=True, rank_pattern={"head": 3}),
         save=dict(rslora=True),
     ),
-    "dora_bias": dict(loraify=dict(method="dora", rank=2, where=TWO), save=dict(train_bias="lora_only"), bias="layers"),
+    "dora_bias": dict(
+        loraify=dict(method="dora", rank=2, where=TWO),
+        save=dict(train_bias="lora_only"),
+        bias="layers",
+    ),
     "lokr": dict(loraify=dict(method="lokr", rank=2, alpha=4.0, init_weights=False), save=dict()),
-    "lokr_decompose_both": dict(loraify=dict(method="lokr", rank=1, decompose_both=True, where=TWO), save=dict()),
-    "lokr_factor": dict(loraify=dict(method="lokr", rank=2, alpha=3.0, decompose_factor=2, where=TWO), save=dict()),
+    "lokr_decompose_both": dict(
+        loraify=dict(method="lokr", rank=1, decompose_both=True, where=TWO), save=dict()
+    ),
+    "lokr_factor": dict(
+        loraify=dict(method="lokr", rank=2, alpha=3.0, decompose_factor=2, where=TWO), save=dict()
+    ),
     "lokr_patterns": dict(
-        loraify=dict(method="lokr", rank=1, alpha=2.0, rank_pattern={"layers.1": 4}, alpha_pattern={"head": 5.0}),
+        loraify=dict(
+            method="lokr",
+            rank=1,
+            alpha=2.0,
+            rank_pattern={"layers.1": 4},
+            alpha_pattern={"head": 5.0},
+        ),
         save=dict(),
     ),
     "loha": dict(loraify=dict(method="loha", rank=2, alpha=3.0), save=dict()),
@@ -196,7 +220,10 @@ def test_lora_jax_to_peft(tmp_path, getkey, case):
     back = lora.load_peft(tmp_path, base if not spec.get("bias") else _bump_biases(base, getkey()))
     _assert_same_adapters(back, model)
     if spec.get("bias"):
-        for got, exp in [(back.layers[0].bias, model.layers[0].bias), (back.head.bias, model.head.bias)]:
+        for got, exp in [
+            (back.layers[0].bias, model.layers[0].bias),
+            (back.head.bias, model.head.bias),
+        ]:
             if spec["bias"] == "all" or (spec["bias"] == "layers") == (got is back.layers[0].bias):
                 assert np.array_equal(got, exp)
 
@@ -233,30 +260,64 @@ def test_name_map(tmp_path, getkey, as_callable):
 ALL = ["layers.0", "layers.1", "head"]
 IMPORT_CASES = {
     "lora": ("LoraConfig", dict(r=2, lora_alpha=4, target_modules=ALL)),
-    "rslora": ("LoraConfig", dict(r=4, lora_alpha=3, use_rslora=True, target_modules=["layers.0", "head"])),
+    "rslora": (
+        "LoraConfig",
+        dict(r=4, lora_alpha=3, use_rslora=True, target_modules=["layers.0", "head"]),
+    ),
     "patterns": (
         "LoraConfig",
-        dict(r=2, lora_alpha=4, target_modules=ALL, rank_pattern={"layers.1": 3}, alpha_pattern={"head": 9}),
+        dict(
+            r=2,
+            lora_alpha=4,
+            target_modules=ALL,
+            rank_pattern={"layers.1": 3},
+            alpha_pattern={"head": 9},
+        ),
     ),
     "regex_targets": ("LoraConfig", dict(r=2, lora_alpha=2, target_modules=r"layers\.\d")),
-    "bias_lora_only": ("LoraConfig", dict(r=2, lora_alpha=4, target_modules=["layers.0"], bias="lora_only")),
+    "bias_lora_only": (
+        "LoraConfig",
+        dict(r=2, lora_alpha=4, target_modules=["layers.0"], bias="lora_only"),
+    ),
     "bias_all": ("LoraConfig", dict(r=2, lora_alpha=4, target_modules=["layers.0"], bias="all")),
-    "modules_to_save": ("LoraConfig", dict(r=2, lora_alpha=4, target_modules=TWO, modules_to_save=["head"])),
+    "modules_to_save": (
+        "LoraConfig",
+        dict(r=2, lora_alpha=4, target_modules=TWO, modules_to_save=["head"]),
+    ),
     "dora": ("LoraConfig", dict(r=2, lora_alpha=4, use_dora=True, target_modules=ALL)),
     "dora_rslora_pattern": (
         "LoraConfig",
-        dict(r=2, lora_alpha=3, use_dora=True, use_rslora=True, target_modules=ALL, rank_pattern={"head": 1}),
+        dict(
+            r=2,
+            lora_alpha=3,
+            use_dora=True,
+            use_rslora=True,
+            target_modules=ALL,
+            rank_pattern={"head": 1},
+        ),
     ),
     "lokr": ("LoKrConfig", dict(r=2, alpha=4, target_modules=ALL)),
-    "lokr_decompose_both": ("LoKrConfig", dict(r=1, alpha=3, decompose_both=True, target_modules=ALL)),
+    "lokr_decompose_both": (
+        "LoKrConfig",
+        dict(r=1, alpha=3, decompose_both=True, target_modules=ALL),
+    ),
     "lokr_factor_patterns": (
         "LoKrConfig",
-        dict(r=2, alpha=2, decompose_factor=2, target_modules=ALL, rank_pattern={"layers.1": 1}, alpha_pattern={"head": 7}),
+        dict(
+            r=2,
+            alpha=2,
+            decompose_factor=2,
+            target_modules=ALL,
+            rank_pattern={"layers.1": 1},
+            alpha_pattern={"head": 7},
+        ),
     ),
     "loha": ("LoHaConfig", dict(r=2, alpha=3, target_modules=ALL)),
     "loha_patterns_modules_to_save": (
         "LoHaConfig",
-        dict(r=3, alpha=2, target_modules=TWO, rank_pattern={"layers.0": 1}, modules_to_save=["head"]),
+        dict(
+            r=3, alpha=2, target_modules=TWO, rank_pattern={"layers.0": 1}, modules_to_save=["head"]
+        ),
     ),
 }
 ADAPTER_TYPES = {
@@ -308,7 +369,9 @@ def test_peft_to_lora_jax(tmp_path, getkey, case):
 
 def test_load_into_adapted_model_replaces_factors(tmp_path, getkey):
     base = Net(getkey())
-    pmodel = peft.get_peft_model(_torch_copy(base), peft.LoraConfig(r=2, target_modules=["layers.0"]))
+    pmodel = peft.get_peft_model(
+        _torch_copy(base), peft.LoraConfig(r=2, target_modules=["layers.0"])
+    )
     _randomise_torch(pmodel, 1.0).save_pretrained(str(tmp_path))
     adapted = lora.loraify(base, rank=2, key=getkey(), where=["layers.0"], allow_materialise=True)
     model = lora.load_peft(tmp_path, adapted)
@@ -316,9 +379,13 @@ def test_load_into_adapted_model_replaces_factors(tmp_path, getkey):
     xs = _inputs(getkey())
     assert np.allclose(_dense_forward(model, xs), _torch_out(pmodel, xs), atol=1e-5)
     # A model adapted with another method there: PEFT's method wins, the flags stay.
-    other = lora.loraify(base, rank=2, key=getkey(), where=["layers.0"], method="loha", allow_materialise=True)
+    other = lora.loraify(
+        base, rank=2, key=getkey(), where=["layers.0"], method="loha", allow_materialise=True
+    )
     model = lora.load_peft(tmp_path, other)
-    assert type(model.layers[0].weight) is lora.LoraArray and model.layers[0].weight.allow_materialise
+    assert (
+        type(model.layers[0].weight) is lora.LoraArray and model.layers[0].weight.allow_materialise
+    )
     assert np.allclose(_dense_forward(model, xs), _torch_out(pmodel, xs), atol=1e-5)
 
 
@@ -328,17 +395,37 @@ WIDE = (16, 24, 36, 10)
 COUNT_CASES = {
     "lokr_r2": ("LoKrConfig", dict(r=2), dict(method="lokr", rank=2)),
     "lokr_r8_full": ("LoKrConfig", dict(r=8), dict(method="lokr", rank=8)),
-    "lokr_decompose_both": ("LoKrConfig", dict(r=1, decompose_both=True), dict(method="lokr", rank=1, decompose_both=True)),
-    "lokr_factor_4": ("LoKrConfig", dict(r=2, decompose_factor=4), dict(method="lokr", rank=2, decompose_factor=4)),
-    "lokr_factor_5_nondividing": ("LoKrConfig", dict(r=3, decompose_factor=5), dict(method="lokr", rank=3, decompose_factor=5)),
+    "lokr_decompose_both": (
+        "LoKrConfig",
+        dict(r=1, decompose_both=True),
+        dict(method="lokr", rank=1, decompose_both=True),
+    ),
+    "lokr_factor_4": (
+        "LoKrConfig",
+        dict(r=2, decompose_factor=4),
+        dict(method="lokr", rank=2, decompose_factor=4),
+    ),
+    "lokr_factor_5_nondividing": (
+        "LoKrConfig",
+        dict(r=3, decompose_factor=5),
+        dict(method="lokr", rank=3, decompose_factor=5),
+    ),
     "lokr_both_factor_8": (
         "LoKrConfig",
         dict(r=1, decompose_both=True, decompose_factor=8),
         dict(method="lokr", rank=1, decompose_both=True, decompose_factor=8),
     ),
-    "lokr_rank_pattern": ("LoKrConfig", dict(r=1, rank_pattern={"head": 6}), dict(method="lokr", rank=1, rank_pattern={"head": 6})),
+    "lokr_rank_pattern": (
+        "LoKrConfig",
+        dict(r=1, rank_pattern={"head": 6}),
+        dict(method="lokr", rank=1, rank_pattern={"head": 6}),
+    ),
     "loha_r2": ("LoHaConfig", dict(r=2), dict(method="loha", rank=2)),
-    "loha_r5_pattern": ("LoHaConfig", dict(r=5, rank_pattern={"layers.0": 2}), dict(method="loha", rank=5, rank_pattern={"layers.0": 2})),
+    "loha_r5_pattern": (
+        "LoHaConfig",
+        dict(r=5, rank_pattern={"layers.0": 2}),
+        dict(method="loha", rank=5, rank_pattern={"layers.0": 2}),
+    ),
 }
 
 
@@ -348,14 +435,22 @@ def test_counts_and_layout_match_peft(tmp_path, getkey, case):
 
     cls, pkw, okw = COUNT_CASES[case]
     base = Net(getkey(), WIDE)
-    pmodel = peft.get_peft_model(_torch_copy(base, sizes=WIDE), getattr(peft, cls)(target_modules=ALL, **pkw))
+    pmodel = peft.get_peft_model(
+        _torch_copy(base, sizes=WIDE), getattr(peft, cls)(target_modules=ALL, **pkw)
+    )
     peft_trainable = sum(p.numel() for p in pmodel.parameters() if p.requires_grad)
     model = lora.loraify(base, key=getkey(), where=ALL, **okw)
     assert lora.summary(model).trainable == peft_trainable
     pmodel.save_pretrained(str(tmp_path / "peft"))
     lora.save_peft(tmp_path / "ours", model)
-    theirs = {k: v.shape for k, v in load_file(str(tmp_path / "peft" / "adapter_model.safetensors")).items()}
-    ours = {k: v.shape for k, v in load_file(str(tmp_path / "ours" / "adapter_model.safetensors")).items()}
+    theirs = {
+        k: v.shape
+        for k, v in load_file(str(tmp_path / "peft" / "adapter_model.safetensors")).items()
+    }
+    ours = {
+        k: v.shape
+        for k, v in load_file(str(tmp_path / "ours" / "adapter_model.safetensors")).items()
+    }
     assert ours == theirs
 
 
@@ -413,7 +508,9 @@ def jtu_slice(w, i):
     if not lora.is_adapter(w):
         return w[i]
     fields = [f for f in (*saved_fields(w), "_w")]
-    return eqx.tree_at(lambda v: tuple(getattr(v, f) for f in fields), w, tuple(getattr(w, f)[i] for f in fields))
+    return eqx.tree_at(
+        lambda v: tuple(getattr(v, f) for f in fields), w, tuple(getattr(w, f)[i] for f in fields)
+    )
 
 
 def _stack_map(name):
@@ -424,7 +521,10 @@ def _stack_map(name):
 @pytest.mark.parametrize("method", ["lora", "dora", "loha"])
 def test_stacked_layers_both_ways(tmp_path, getkey, method):
     base = Stacked(getkey())
-    model = randomise_model(lora.loraify(base, rank=2, alpha=3.0, key=getkey(), method=method, where=["blocks"]), getkey())
+    model = randomise_model(
+        lora.loraify(base, rank=2, alpha=3.0, key=getkey(), method=method, where=["blocks"]),
+        getkey(),
+    )
     train_bias = "none" if method == "loha" else "lora_only"  # PEFT's LoHa has no `bias`
     if train_bias != "none":
         model = eqx.tree_at(lambda m: m.blocks.bias, model, jr.normal(getkey(), (L, 4)))
@@ -436,35 +536,50 @@ def test_stacked_layers_both_ways(tmp_path, getkey, method):
     assert np.allclose(_torch_out(pmodel, xs), _stacked_dense(model, xs), atol=1e-5)
     back = lora.load_peft(tmp_path, base, name_map=_stack_map)
     for f in (*saved_fields(model.blocks.weight), "_w"):
-        assert np.asarray(getattr(back.blocks.weight, f)).tobytes() == np.asarray(getattr(model.blocks.weight, f)).tobytes()
+        assert (
+            np.asarray(getattr(back.blocks.weight, f)).tobytes()
+            == np.asarray(getattr(model.blocks.weight, f)).tobytes()
+        )
     if method != "loha":
         assert np.array_equal(back.blocks.bias, model.blocks.bias)
     # A PEFT adapter trained layer by layer loads into the stack; the scanned model agrees.
     _randomise_torch(pmodel).save_pretrained(str(tmp_path / "trained"))
     trained = lora.load_peft(tmp_path / "trained", base, name_map=_stack_map)
     assert trained.blocks.weight.scaling.shape == (L,)
-    out = eqx.filter_jit(eqx.filter_vmap(lambda m, x: quax.quaxify(m)(x), in_axes=(None, 0)))(trained, jnp.asarray(xs, jnp.float32))
+    out = eqx.filter_jit(eqx.filter_vmap(lambda m, x: quax.quaxify(m)(x), in_axes=(None, 0)))(
+        trained, jnp.asarray(xs, jnp.float32)
+    )
     assert np.allclose(np.asarray(out), _torch_out(pmodel, xs), atol=1e-5)
 
 
 def test_stacked_errors(tmp_path, getkey):
     base = Stacked(getkey())
     model = lora.loraify(base, rank=2, key=getkey(), where=["blocks"])
-    with pytest.raises(ValueError, match=r"'blocks\.weight' is stacked.*\{i\} in `name_map`.*save_adapter"):
+    with pytest.raises(
+        ValueError, match=r"'blocks\.weight' is stacked.*\{i\} in `name_map`.*save_adapter"
+    ):
         lora.save_peft(tmp_path, model)
     both = lora.loraify(base, rank=2, key=getkey(), where=["blocks", "head"])
-    with pytest.raises(ValueError, match=r"'head\.weight', but that adapter is not stacked; \{i\} is only for"):
+    with pytest.raises(
+        ValueError, match=r"'head\.weight', but that adapter is not stacked; \{i\} is only for"
+    ):
         lora.save_peft(tmp_path, both, name_map=lambda n: "x.{i}" if n == "head" else _stack_map(n))
     # A PEFT adapter for only some of the stacked layers cannot fill the stack.
-    pmodel = peft.get_peft_model(TorchStacked(base), peft.LoraConfig(r=2, target_modules=["layers.0", "layers.2"]))
+    pmodel = peft.get_peft_model(
+        TorchStacked(base), peft.LoraConfig(r=2, target_modules=["layers.0", "layers.2"])
+    )
     pmodel.save_pretrained(str(tmp_path / "partial"))
     with pytest.raises(ValueError, match=r"layers \[0, 2\] of a stack of 3"):
         lora.load_peft(tmp_path / "partial", base, name_map=_stack_map)
     with pytest.raises(ValueError, match=r"module 'layers\.0', which `model` does not have"):
         lora.load_peft(tmp_path / "partial", base)
-    lokr = peft.get_peft_model(TorchStacked(base), peft.LoKrConfig(r=2, target_modules=[f"layers.{i}" for i in range(L)]))
+    lokr = peft.get_peft_model(
+        TorchStacked(base), peft.LoKrConfig(r=2, target_modules=[f"layers.{i}" for i in range(L)])
+    )
     lokr.save_pretrained(str(tmp_path / "lokr"))
-    with pytest.raises(ValueError, match="into the stacked 'blocks': LoKr adapters hold one matrix each"):
+    with pytest.raises(
+        ValueError, match="into the stacked 'blocks': LoKr adapters hold one matrix each"
+    ):
         lora.load_peft(tmp_path / "lokr", base, name_map=_stack_map)
 
 
@@ -482,7 +597,11 @@ def test_one_adapter_of_many(tmp_path, getkey):
     xs = _inputs(getkey())
     assert np.allclose(_torch_out(pmodel, xs), _dense_forward(fr, xs), atol=1e-5)
     # Hot-swap a PEFT adapter into the stack: a new name is added, an old one replaced.
-    de = _randomise_torch(peft.get_peft_model(_torch_copy(base), peft.LoraConfig(r=2, lora_alpha=5, target_modules=ALL)))
+    de = _randomise_torch(
+        peft.get_peft_model(
+            _torch_copy(base), peft.LoraConfig(r=2, lora_alpha=5, target_modules=ALL)
+        )
+    )
     de.save_pretrained(str(tmp_path / "de"))
     three = lora.load_peft(tmp_path / "de", both, adapter="de")
     assert lora.adapter_names(three) == ("en", "fr", "de")
@@ -519,12 +638,18 @@ def test_errors(tmp_path, getkey):
     with pytest.raises(ValueError, match="`lora_bias=True`"):
         lora.load_peft(tmp_path, base)
     _write_config(tmp_path, lora_bias=False, init_lora_weights="pissa")
-    with pytest.raises(ValueError, match="`init_lora_weights='pissa'`.*only True, False, 'gaussian'"):
+    with pytest.raises(
+        ValueError, match="`init_lora_weights='pissa'`.*only True, False, 'gaussian'"
+    ):
         lora.load_peft(tmp_path, base)
     _write_config(tmp_path, init_lora_weights=True, use_velora=True)
-    with pytest.raises(ValueError, match="`use_velora=True`, a key PEFT's LORA config does not have"):
+    with pytest.raises(
+        ValueError, match="`use_velora=True`, a key PEFT's LORA config does not have"
+    ):
         lora.load_peft(tmp_path, base)
-    _write_config(tmp_path, use_velora=None, some_future_option=None, r=0)  # empty unknown keys are fine
+    _write_config(
+        tmp_path, use_velora=None, some_future_option=None, r=0
+    )  # empty unknown keys are fine
     with pytest.raises(ValueError, match="`r=0`; it must be a positive integer"):
         lora.load_peft(tmp_path, base)
     _write_config(tmp_path, r=2, lora_dropout=1.5)
@@ -534,21 +659,33 @@ def test_errors(tmp_path, getkey):
     with pytest.raises(ValueError, match="`rank_pattern="):
         lora.load_peft(tmp_path, base)
     _write_config(tmp_path, rank_pattern={"head": 5})
-    with pytest.raises(ValueError, match="module 'head' has rank 2, but adapter_config.json says 5"):
+    with pytest.raises(
+        ValueError, match="module 'head' has rank 2, but adapter_config.json says 5"
+    ):
         lora.load_peft(tmp_path, base)
     small = eqx.tree_at(lambda m: m.layers, base, [base.layers[0]])
     _write_config(tmp_path, rank_pattern={})
     with pytest.raises(ValueError, match=r"module 'layers\.1', which `model` does not have"):
         lora.load_peft(tmp_path, small)
     wrong = Net(getkey(), (4, 6, 7, 3))
-    with pytest.raises(ValueError, match=r"head\.lora_A\.weight has shape \(2, 8\), but a \(3, 7\) weight at rank 2 needs \(2, 7\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"head\.lora_A\.weight has shape \(2, 8\), but a \(3, 7\) weight at rank 2 needs "
+        r"\(2, 7\)",
+    ):
         lora.load_peft(tmp_path, wrong)
     with pytest.raises(ValueError, match="one-to-one"):
         lora.load_peft(tmp_path, base, name_map=lambda n: "x")
     with pytest.raises(TypeError, match="`dtype` must be a floating dtype"):
         lora.load_peft(tmp_path, base, dtype=jnp.int32)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOKR", "r": 2, "alpha": 2}))
-    with pytest.raises(ValueError, match=r"'base_model\.model\.head\.lora_A\.weight'.* belongs to a lora adapter, but adapter_config.json describes a lokr"):
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LOKR", "r": 2, "alpha": 2})
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"'base_model\.model\.head\.lora_A\.weight'.* belongs to a lora adapter, but "
+        r"adapter_config.json describes a lokr",
+    ):
         lora.load_peft(tmp_path, base)
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="adapter_config.json' is not valid JSON"):
@@ -556,13 +693,19 @@ def test_errors(tmp_path, getkey):
     (tmp_path / "adapter_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="does not hold a JSON object"):
         lora.load_peft(tmp_path, base)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2})
+    )
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00")
-    with pytest.raises(ValueError, match="adapter_model.safetensors' is not a valid safetensors file"):
+    with pytest.raises(
+        ValueError, match="adapter_model.safetensors' is not a valid safetensors file"
+    ):
         lora.load_peft(tmp_path, base)
     (tmp_path / "adapter_model.safetensors").unlink()
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
-    with pytest.raises(ValueError, match="adapter_model.bin \\(a pickle\\), which lora_jax never loads"):
+    with pytest.raises(
+        ValueError, match="adapter_model.bin \\(a pickle\\), which lora_jax never loads"
+    ):
         lora.load_peft(tmp_path, base)
     (tmp_path / "adapter_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match="has no adapter_model.safetensors"):
@@ -589,11 +732,24 @@ def test_save_refusals(tmp_path, getkey):
         lora.save_peft(tmp_path, lokr, train_bias="lora_only")
     with pytest.raises(ValueError, match="`rslora=True` applies to LoRA and DoRA, not 'lokr'"):
         lora.save_peft(tmp_path, lokr, rslora=True)
-    mixed = lora.loraify(lora.loraify(base, rank=2, key=getkey(), where=["head"]), rank=2, method="loha", key=getkey(), where=TWO)
+    mixed = lora.loraify(
+        lora.loraify(base, rank=2, key=getkey(), where=["head"]),
+        rank=2,
+        method="loha",
+        key=getkey(),
+        where=TWO,
+    )
     with pytest.raises(ValueError, match="mixes"):
         lora.save_peft(tmp_path, mixed)
     # LoKr layers adapted with different options: no one PEFT config builds them all.
-    one = lora.loraify(Net(getkey(), WIDE), rank=1, method="lokr", key=getkey(), where=["layers.0"], decompose_both=True)
+    one = lora.loraify(
+        Net(getkey(), WIDE),
+        rank=1,
+        method="lokr",
+        key=getkey(),
+        where=["layers.0"],
+        decompose_both=True,
+    )
     two = lora.loraify(one, rank=1, method="lokr", key=getkey(), where=["layers.1"])
     with pytest.raises(ValueError, match="cannot be described by one PEFT LoKrConfig"):
         lora.save_peft(tmp_path, two)
@@ -605,7 +761,9 @@ def test_load_onto_quantised_base(tmp_path, getkey, method):
     """QLoRA's workflow: a PEFT adapter onto an int8 base; the result equals the adapter
     on the dequantised base."""
     base = Net(getkey())
-    lora.save_peft(tmp_path, randomise_model(lora.loraify(base, rank=2, method=method, key=getkey()), getkey()))
+    lora.save_peft(
+        tmp_path, randomise_model(lora.loraify(base, rank=2, method=method, key=getkey()), getkey())
+    )
     quantised = lora.quantise(base, method="int8")
     model = lora.load_peft(tmp_path, quantised)
     assert type(model.layers[0].weight._w).__name__ == "Int8Array"
@@ -616,12 +774,18 @@ def test_load_onto_quantised_base(tmp_path, getkey, method):
 
 def test_put_into_stack_errors(tmp_path, getkey):
     base = Net(getkey())
-    both = lora.stack_adapters({
-        "en": lora.loraify(base, rank=2, key=getkey()),
-        "fr": lora.loraify(base, rank=2, key=getkey()),
-    })
+    both = lora.stack_adapters(
+        {
+            "en": lora.loraify(base, rank=2, key=getkey()),
+            "fr": lora.loraify(base, rank=2, key=getkey()),
+        }
+    )
     lora.save_peft(tmp_path / "two", lora.loraify(base, rank=2, key=getkey(), where=TWO))
-    with pytest.raises(ValueError, match=r"adapts \['layers\.0', 'layers\.1'\], but `model`'s stacked adapters are at \['head', 'layers\.0', 'layers\.1'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapts \['layers\.0', 'layers\.1'\], but `model`'s stacked adapters are at "
+        r"\['head', 'layers\.0', 'layers\.1'\]",
+    ):
         lora.load_peft(tmp_path / "two", both, adapter="de")
     lora.save_peft(tmp_path / "bias", lora.loraify(base, rank=2, key=getkey()), train_bias="all")
     with pytest.raises(ValueError, match="stacked adapters cannot hold per adapter"):

@@ -125,9 +125,7 @@ _CLASSES = {
 
 
 def _build(p: Problem, w):
-    kw = dict(
-        rank=p.rank, key=jr.key(0), dtype=DTYPES[p.factor_dtype], **dict(p.options)
-    )
+    kw = dict(rank=p.rank, key=jr.key(0), dtype=DTYPES[p.factor_dtype], **dict(p.options))
     if p.kind == "conv":
         return lora.LoraConvArray(w, **kw)
     if p.kind == "embedding":
@@ -138,9 +136,7 @@ def _build(p: Problem, w):
 def _quantise(p: Problem, w):
     if p.base == "int8":
         return lora.Int8Array.from_array(w)
-    return lora.NF4Array.from_array(
-        w, block_size=p.block, double_quant=p.base == "nf4-dq"
-    )
+    return lora.NF4Array.from_array(w, block_size=p.block, double_quant=p.base == "nf4-dq")
 
 
 def _operation(p: Problem):
@@ -198,9 +194,7 @@ def _operation(p: Problem):
             return jax.vmap(row, (None, 0))(w, ids)
 
         if kind == "vmap_outside":
-            return (
-                lambda w, x, ids: jax.vmap(quax.quaxify(row), (None, 0))(w, ids)
-            ), ref
+            return (lambda w, x, ids: jax.vmap(quax.quaxify(row), (None, 0))(w, ids)), ref
     else:
         raise AssertionError(kind)
     return quax.quaxify(ref), ref
@@ -251,9 +245,7 @@ def _vjp(fn, weight_of, v, x, ids, ct):
     """Output and cotangents (factors, input) of `fn(weight_of(v'), x, ids)` where `v'`
     is `v` with its trainable fields as the differentiated inputs."""
     fields = trainable(v)
-    y, pullback = jax.vjp(
-        lambda f, x: fn(weight_of(with_fields(v, f)), x, ids), fields, x
-    )
+    y, pullback = jax.vjp(lambda f, x: fn(weight_of(with_fields(v, f)), x, ids), fields, x)
     return y, pullback(ct)
 
 
@@ -265,9 +257,7 @@ def _float32(tree):
 
 
 def _abs(tree):
-    return jtu.tree_map(
-        lambda z: jnp.abs(z) if jnp.issubdtype(z.dtype, jnp.floating) else z, tree
-    )
+    return jtu.tree_map(lambda z: jnp.abs(z) if jnp.issubdtype(z.dtype, jnp.floating) else z, tree)
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,9 +268,7 @@ def _abs(tree):
 class _Compiled:
     def __init__(self, p: Problem):
         dtype = DTYPES[p.dtype]
-        template = eqx.filter_eval_shape(
-            _build, p, jax.ShapeDtypeStruct(p.shape, dtype)
-        )
+        template = eqx.filter_eval_shape(_build, p, jax.ShapeDtypeStruct(p.shape, dtype))
         self.leaves, self.treedef = jtu.tree_flatten_with_path(template)
         self.x = None if p.x_shape is None else jax.ShapeDtypeStruct(p.x_shape, dtype)
         self.ids = None if p.ids is None else jax.ShapeDtypeStruct(p.ids[0], jnp.int32)
@@ -351,9 +339,7 @@ def check(p: Problem, seed: int, counter, name: str) -> None:
     scale = (TOL_ULPS * eps + (n + TOL_ULPS * kappa) * _EPS_F32)[keep]
     names = ["forward", "factor gradients", "input gradient"]
     for what, g, e, m in zip(names, _parts(out), _parts(expected), _parts(bound)):
-        for got, ref, mag in zip(
-            jtu.tree_leaves(g), jtu.tree_leaves(e), jtu.tree_leaves(m)
-        ):
+        for got, ref, mag in zip(jtu.tree_leaves(g), jtu.tree_leaves(e), jtu.tree_leaves(m)):
             got, ref, mag = (np.asarray(z, np.float64)[keep] for z in (got, ref, mag))
             _close(got, ref, mag, scale, floor, f"{what} of {p}, seed {seed}")
     counter.add(name, int(keep.sum()))
@@ -397,9 +383,7 @@ def _factor_dtype(draw, dtype):
 @st.composite
 def matrix_problems(draw, method: str, base: str = "plain"):
     """A (possibly stacked, possibly transposed) matrix adapter in a `dot_general`."""
-    sizes, other_shape, dims, rank, lhs, _ = draw(
-        dot_problems(0 if method == "lokr" else 2)
-    )
+    sizes, other_shape, dims, rank, lhs, _ = draw(dot_problems(0 if method == "lokr" else 2))
     n = len(sizes)
     lead = tuple(draw(st.permutations(range(n - 2))))
     swap = draw(st.booleans())
@@ -445,9 +429,7 @@ def conv_problems(draw):
     c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 2))
     kernel = [draw(st.integers(1, 3)) for _ in range(n)]
     strides = tuple(draw(st.integers(1, 2)) for _ in range(n))
-    padding = tuple(
-        (draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(n)
-    )
+    padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(n))
     lhs_dil = tuple(draw(st.integers(1, 2)) for _ in range(n))
     rhs_dil = tuple(draw(st.integers(1, 2)) for _ in range(n))
     spatial = [draw(st.integers(1, 5)) for _ in range(n)]
@@ -538,9 +520,7 @@ def embedding_problems(draw):
         op = (kind,)
     else:
         op = ("index",)
-    return Problem(
-        "embedding", "lora", dtype, factor_dtype, (num, dim), rank, op, ids=ids
-    )
+    return Problem("embedding", "lora", dtype, factor_dtype, (num, dim), rank, op, ids=ids)
 
 
 def _slices(size):
@@ -564,9 +544,7 @@ def _settings(n):
     # No shrinking: a failure already names its problem and its seed, and shrinking
     # recompiles for every candidate (minutes).
     phases = [Phase.explicit, Phase.reuse, Phase.generate]
-    return settings(
-        max_examples=n, deadline=None, phases=phases, derandomize=not _EXPLORE
-    )
+    return settings(max_examples=n, deadline=None, phases=phases, derandomize=not _EXPLORE)
 
 
 # Examples per test (and per parameter), and the parameters of each test.
@@ -623,7 +601,5 @@ def test_enough_cases():
     """The per-test minima add up to `MIN_CASES`, and every test has its entry."""
     tests = {name for name in globals() if name.startswith("test_")}
     assert tests - {"test_enough_cases"} == set(EXAMPLES)
-    minimum = sum(
-        math.ceil(MIN_SHARE * n * DRAWS) * len(params) for n, params in EXAMPLES.values()
-    )
+    minimum = sum(math.ceil(MIN_SHARE * n * DRAWS) * len(params) for n, params in EXAMPLES.values())
     assert minimum >= MIN_CASES, minimum

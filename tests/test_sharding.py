@@ -13,7 +13,6 @@ import quax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import lora_jax as lora
-
 from lora_jax._sharding import follow_weight
 
 from .helpers import dense_lora, randomise_factors, randomise_model, tree_allclose
@@ -68,8 +67,12 @@ class Block(eqx.Module):
 
 def dense_block(block, x):
     """The adapted block written plainly from LoRA's formula."""
-    w_up = dense_lora(block.up.weight._w, block.up.weight.a, block.up.weight.b, block.up.weight.scaling)
-    w_dn = dense_lora(block.down.weight._w, block.down.weight.a, block.down.weight.b, block.down.weight.scaling)
+    w_up = dense_lora(
+        block.up.weight._w, block.up.weight.a, block.up.weight.b, block.up.weight.scaling
+    )
+    w_dn = dense_lora(
+        block.down.weight._w, block.down.weight.a, block.down.weight.b, block.down.weight.scaling
+    )
     h = jax.nn.relu(x @ w_up.T + block.up.bias[None])
     return x + h @ w_dn.T + block.down.bias[None]
 
@@ -89,9 +92,7 @@ def _pad(spec, ndim):
 
 def specs_of(model):
     """Every array's spec, one entry per dimension (jit may drop trailing `None`s)."""
-    return jax.tree.map(
-        lambda x: _pad(x.sharding.spec, x.ndim), eqx.filter(model, eqx.is_array)
-    )
+    return jax.tree.map(lambda x: _pad(x.sharding.spec, x.ndim), eqx.filter(model, eqx.is_array))
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,7 +111,9 @@ def test_factors_follow_weight(kind, getkey):
             lambda l: l.weight, model[1], jax.device_put(model[1].weight, P(None, "fsdp", "tensor"))
         )
         adapted = lora.loraify(model, rank=2, key=getkey())
-    for layer, (lead, out, inp) in zip(adapted, [((), "tensor", "fsdp"), ((None,), "fsdp", "tensor")]):
+    for layer, (lead, out, inp) in zip(
+        adapted, [((), "tensor", "fsdp"), ((None,), "fsdp", "tensor")]
+    ):
         lw = layer.weight
         assert lw.a.sharding == NamedSharding(mesh, P(*lead, out, None))
         assert lw.b.sharding == NamedSharding(mesh, P(*lead, None, inp))
@@ -220,7 +223,9 @@ def test_materialise_keeps_shardings(kind, getkey):
     with jax.set_mesh(mesh):
         sharded = lora.shard_model(block, mesh, RULES)
         arrays, static = eqx.partition(sharded, eqx.is_array)
-        merge = jax.jit(lambda p: eqx.filter(lora.materialise(eqx.combine(p, static)), eqx.is_array))
+        merge = jax.jit(
+            lambda p: eqx.filter(lora.materialise(eqx.combine(p, static)), eqx.is_array)
+        )
         merged = merge(arrays)
         hlo = merge.lower(arrays).compile().as_text()
     for name in ("up", "down"):
@@ -247,10 +252,20 @@ def test_out_sharding_contracting_dims_sharded(getkey):
         assert lw.b.sharding.spec == P(None, "tensor")
         ref = x0 @ dense_lora(w0, *(jax.device_get(t) for t in (lw.a, lw.b, lw.scaling))).T
         cases = [
-            (lambda w, x: jnp.einsum("bi,oi->bo", x, w, out_sharding=P("data", None)), P("data", None), ref),
-            (lambda w, x: jnp.matmul(x, w.T, out_sharding=P("data", "tensor")), P("data", "tensor"), ref),
             (
-                lambda w, x: jax.lax.dot_general(w, x, (((1,), (1,)), ((), ())), out_sharding=P("tensor", "data")),
+                lambda w, x: jnp.einsum("bi,oi->bo", x, w, out_sharding=P("data", None)),
+                P("data", None),
+                ref,
+            ),
+            (
+                lambda w, x: jnp.matmul(x, w.T, out_sharding=P("data", "tensor")),
+                P("data", "tensor"),
+                ref,
+            ),
+            (
+                lambda w, x: jax.lax.dot_general(
+                    w, x, (((1,), (1,)), ((), ())), out_sharding=P("tensor", "data")
+                ),
                 P("tensor", "data"),
                 ref.T,
             ),
@@ -271,7 +286,11 @@ def test_quax_example_differs(getkey):
     from quax.examples import lora as quax_lora
 
     mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
-    w0, b0, x0 = jr.normal(getkey(), (8, 16)), jr.normal(getkey(), (2, 16)), jr.normal(getkey(), (16, 4))
+    w0, b0, x0 = (
+        jr.normal(getkey(), (8, 16)),
+        jr.normal(getkey(), (2, 16)),
+        jr.normal(getkey(), (16, 4)),
+    )
     f = lambda w, x: jax.lax.dot_general(
         w, x, (((1,), (0,)), ((), ())), out_sharding=P("tensor", "data")
     )
@@ -283,7 +302,11 @@ def test_quax_example_differs(getkey):
         with pytest.raises(ValueError, match="does not evenly divide"):
             jax.jit(quax.quaxify(f))(theirs, x)
         ours = follow_weight(lora.LoraArray(w, rank=2, key=getkey()))
-        ours = eqx.tree_at(lambda v: (v.a, v.b), ours, (jax.device_put(theirs.a, P(None, None)), jax.device_put(b0, P(None, "tensor"))))
+        ours = eqx.tree_at(
+            lambda v: (v.a, v.b),
+            ours,
+            (jax.device_put(theirs.a, P(None, None)), jax.device_put(b0, P(None, "tensor"))),
+        )
         y = jax.jit(quax.quaxify(f))(ours, x)
     assert jax.typeof(y).sharding.spec == P("tensor", "data")
     ref = (w0 + jax.device_get(theirs.a) @ b0) @ x0

@@ -37,9 +37,7 @@ def _bitwise(x, y) -> bool:
     xs, xt = jtu.tree_flatten(eqx.filter(x, eqx.is_array))
     ys, yt = jtu.tree_flatten(eqx.filter(y, eqx.is_array))
     return xt == yt and all(
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and np.array_equal(np.asarray(a), np.asarray(b))
+        a.dtype == b.dtype and a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
         for a, b in zip(xs, ys)
     )
 
@@ -59,9 +57,7 @@ def test_soak(tmp_path):
         [l._w for l in _adapters(initial)],
     )
     x = jr.normal(k_x, (128, 16))
-    forward = eqx.filter_jit(
-        lambda m, x: quax.quaxify(lambda m, x: jax.vmap(m)(x))(m, x)
-    )
+    forward = eqx.filter_jit(lambda m, x: quax.quaxify(lambda m, x: jax.vmap(m)(x))(m, x))
     y = forward(teacher, x)
 
     params, frozen = lora.partition(initial, train_bias="all")
@@ -108,13 +104,9 @@ def test_soak(tmp_path):
         assert after <= max(before, FLOOR), windows
     final = eqx.combine(params, frozen)
     assert _bitwise(lora.partition(final, train_bias="all")[1], frozen)
-    assert _bitwise(
-        [l._w for l in _adapters(final)], [l._w for l in _adapters(initial)]
-    )
+    assert _bitwise([l._w for l in _adapters(final)], [l._w for l in _adapters(initial)])
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors"]
 
 
 def _adapters(model):
-    return [
-        x for x in jtu.tree_leaves(model, is_leaf=lora.is_adapter) if lora.is_adapter(x)
-    ]
+    return [x for x in jtu.tree_leaves(model, is_leaf=lora.is_adapter) if lora.is_adapter(x)]

@@ -49,8 +49,10 @@ ORDERS = {
         lambda f: quax.quaxify(f),
     ),
     "vmap(grad(quaxify))": (
-        lambda g: lambda p, x: jax.tree.map(
-            lambda t: t[0], jax.vmap(jax.grad(g), in_axes=(None, 0))(p, x[None])
+        lambda g: (
+            lambda p, x: jax.tree.map(
+                lambda t: t[0], jax.vmap(jax.grad(g), in_axes=(None, 0))(p, x[None])
+            )
         ),
         lambda f: quax.quaxify(f),
     ),
@@ -124,9 +126,7 @@ def test_vmap_over_models(getkey):
     """vmap over a batch of adapters (stacked LoRA values) outside quaxify."""
     keys = jr.split(getkey(), 3)
     mlp = _mlp(getkey())
-    adapted = eqx.filter_vmap(
-        lambda k: randomise_model(lora.loraify(mlp, rank=2, key=k), k)
-    )(keys)
+    adapted = eqx.filter_vmap(lambda k: randomise_model(lora.loraify(mlp, rank=2, key=k), k))(keys)
     x = jr.normal(getkey(), (6,))
     out = eqx.filter_vmap(lambda m: quax.quaxify(m)(x))(adapted)
     for i in range(3):
@@ -142,9 +142,7 @@ class Block(eqx.Module):
 
 
 def _stack(key, n=4, width=6):
-    return eqx.filter_vmap(lambda k: Block(eqx.nn.Linear(width, width, key=k)))(
-        jr.split(key, n)
-    )
+    return eqx.filter_vmap(lambda k: Block(eqx.nn.Linear(width, width, key=k)))(jr.split(key, n))
 
 
 def _scan(blocks, x):
@@ -166,14 +164,16 @@ def test_scan_over_stacked_layers(getkey):
     params, frozen = lora.partition(adapted)
     loss = lambda p, x: jnp.sum(quax.quaxify(_scan)(eqx.combine(p, frozen), x))
     g = jax.jit(jax.grad(loss))(params, x)
-    dense_loss = lambda w, x: jnp.sum(
-        _scan(eqx.tree_at(lambda m: m.linear.weight, blocks, w), x)
-    )
+    dense_loss = lambda w, x: jnp.sum(_scan(eqx.tree_at(lambda m: m.linear.weight, blocks, w), x))
     G = jax.grad(dense_loss)(lora.materialise(adapted).linear.weight, x)
     w = adapted.linear.weight
     s = w.scaling[:, None, None]
-    np.testing.assert_allclose(g.linear.weight.a, s * G @ jnp.swapaxes(w.b, 1, 2), rtol=1e-3, atol=1e-5)
-    np.testing.assert_allclose(g.linear.weight.b, s * jnp.swapaxes(w.a, 1, 2) @ G, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        g.linear.weight.a, s * G @ jnp.swapaxes(w.b, 1, 2), rtol=1e-3, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        g.linear.weight.b, s * jnp.swapaxes(w.a, 1, 2) @ G, rtol=1e-3, atol=1e-5
+    )
 
 
 def test_cond_and_while(getkey):
@@ -277,9 +277,7 @@ def test_no_transposes_beyond_the_plain_model(getkey):
         return [s for s in shapes if rank not in s]
 
     plain_fwd = _compiled_moves(lambda d, x: run(eqx.combine(d, d_static), x), d_arrays, x)
-    ours_fwd = _compiled_moves(
-        lambda p, x: quax.quaxify(run)(eqx.combine(p, frozen), x), params, x
-    )
+    ours_fwd = _compiled_moves(lambda p, x: quax.quaxify(run)(eqx.combine(p, frozen), x), params, x)
     assert full_size(ours_fwd) == plain_fwd
     floor = _compiled_moves(jax.grad(lambda x, d: run(eqx.combine(d, d_static), x)), x, d_arrays)
     ours = _compiled_moves(
@@ -313,9 +311,14 @@ def test_lokr_moves_nothing_beyond_the_plain_model(options, getkey):
 def test_materialise_round_trip(getkey):
     adapted, dense, x = _setup(getkey)
     assert type(dense) is type(adapted)
-    assert all(not lora.is_adapter(leaf) for leaf in jax.tree.leaves(dense, is_leaf=lora.is_adapter))
+    assert all(
+        not lora.is_adapter(leaf) for leaf in jax.tree.leaves(dense, is_leaf=lora.is_adapter)
+    )
     np.testing.assert_allclose(
-        quax.quaxify(lambda m, x: jax.vmap(m)(x))(adapted, x), jax.vmap(dense)(x), rtol=1e-5, atol=1e-5
+        quax.quaxify(lambda m, x: jax.vmap(m)(x))(adapted, x),
+        jax.vmap(dense)(x),
+        rtol=1e-5,
+        atol=1e-5,
     )
     plain = _mlp(getkey())
     assert tree_allclose(lora.materialise(plain), plain)
@@ -349,6 +352,4 @@ def test_rule_traced_once_for_identical_layers(getkey, monkeypatch):
     x = jr.normal(getkey(), (7,))
     out = jax.jit(quax.quaxify(run))(adapted, x)
     assert len(calls) == 1
-    np.testing.assert_allclose(
-        out, run(lora.materialise(adapted), x), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(out, run(lora.materialise(adapted), x), rtol=1e-5, atol=1e-5)
