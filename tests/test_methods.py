@@ -120,6 +120,30 @@ def peft_param_count(variant: Variant, out: int, inp: int) -> int:
     return n1 + n2
 
 
+def _loraify(model, variant, getkey):
+    """`model` adapted by `loraify` with the variant's method and options."""
+    opts = dict(rank=variant.rank, alpha=variant.alpha, method=variant.method)
+    return lora.loraify(model, key=getkey(), **opts, **variant.options)
+
+
+def _check_gradients(v, x):
+    """The gradients of a loss through `x @ v.T`, wrt the trainable fields and `x`,
+    against the dense reference's."""
+
+    def loss(fields, x):
+        out = quax.quaxify(lambda w, x: x @ w.T)(with_fields(v, fields), x)
+        return jnp.sum(jnp.sin(out))
+
+    def dense_loss(fields, x):
+        return jnp.sum(jnp.sin(x @ dense(with_fields(v, fields)).T))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(trainable(v), x)
+    expected = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))(trainable(v), x)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        # float32 sums of O(50) terms: tolerance relative to the largest entry.
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * (1 + np.abs(e).max()))
+
+
 def _adapter(variant, getkey, shape=(OUT, IN)):
     w = jr.normal(getkey(), shape)
     return randomise_factors(variant.build(w, getkey()), getkey())
@@ -148,21 +172,7 @@ def test_forward_matches_dense(variant, form, getkey):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_gradients_match_dense(variant, getkey):
-    v = _adapter(variant, getkey)
-    x = jr.normal(getkey(), (5, IN))
-
-    def loss(fields, x):
-        out = quax.quaxify(lambda w, x: x @ w.T)(with_fields(v, fields), x)
-        return jnp.sum(jnp.sin(out))
-
-    def dense_loss(fields, x):
-        return jnp.sum(jnp.sin(x @ dense(with_fields(v, fields)).T))
-
-    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(trainable(v), x)
-    expected = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))(trainable(v), x)
-    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        # float32 sums of O(50) terms: tolerance relative to the largest entry.
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * (1 + np.abs(e).max()))
+    _check_gradients(_adapter(variant, getkey), jr.normal(getkey(), (5, IN)))
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
@@ -181,14 +191,7 @@ def test_init_is_noop(variant, getkey):
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_materialise_equals_forward(variant, getkey):
     model = eqx.nn.Linear(IN, OUT, key=getkey())
-    model = lora.loraify(
-        model,
-        rank=variant.rank,
-        alpha=variant.alpha,
-        key=getkey(),
-        method=variant.method,
-        **variant.options,
-    )
+    model = _loraify(model, variant, getkey)
     model = eqx.tree_at(lambda m: m.weight, model, randomise_factors(model.weight, getkey()))
     x = jr.normal(getkey(), (IN,))
     merged = lora.materialise(model)
@@ -202,14 +205,7 @@ def test_materialise_equals_forward(variant, getkey):
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_training_lowers_loss_with_frozen_base(variant, getkey):
     model = eqx.nn.Linear(IN, OUT, key=getkey())
-    model = lora.loraify(
-        model,
-        rank=variant.rank,
-        alpha=variant.alpha,
-        key=getkey(),
-        method=variant.method,
-        **variant.options,
-    )
+    model = _loraify(model, variant, getkey)
     # A reachable target: the same adapter with its trainable fields moved at random.
     fields = trainable(model.weight)
     keys = dict(zip(fields, jr.split(getkey(), len(fields))))
@@ -246,14 +242,7 @@ def test_training_lowers_loss_with_frozen_base(variant, getkey):
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_parameter_count_matches_peft(variant, getkey):
     mlp = eqx.nn.MLP(IN, OUT, width_size=OUT, depth=1, key=getkey())
-    model = lora.loraify(
-        mlp,
-        rank=variant.rank,
-        alpha=variant.alpha,
-        key=getkey(),
-        method=variant.method,
-        **variant.options,
-    )
+    model = _loraify(mlp, variant, getkey)
     expected = peft_param_count(variant, OUT, IN) + peft_param_count(variant, OUT, OUT)
     assert lora.summary(model).trainable == expected
 
@@ -286,14 +275,7 @@ def _stack_dense(v):
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 def test_multihead_attention(variant, getkey):
     mha = eqx.nn.MultiheadAttention(num_heads=2, query_size=OUT, key=getkey())
-    model = lora.loraify(
-        mha,
-        rank=variant.rank,
-        alpha=variant.alpha,
-        key=getkey(),
-        method=variant.method,
-        **variant.options,
-    )
+    model = _loraify(mha, variant, getkey)
     leaves, treedef = jax.tree.flatten(model, is_leaf=lora.is_adapter)
     assert sum(map(lora.is_adapter, leaves)) == 4
     model = jax.tree.unflatten(
@@ -354,18 +336,7 @@ def test_lokr_gpu_contraction_matches_dense(variant, getkey, monkeypatch, reques
         rtol=1e-4,
         atol=1e-4,
     )
-
-    def loss(fields, x):
-        out = quax.quaxify(lambda w, x: x @ w.T)(with_fields(v, fields), x)
-        return jnp.sum(jnp.sin(out))
-
-    def dense_loss(fields, x):
-        return jnp.sum(jnp.sin(x @ dense(with_fields(v, fields)).T))
-
-    got = jax.grad(loss, argnums=(0, 1))(trainable(v), x)
-    expected = jax.grad(dense_loss, argnums=(0, 1))(trainable(v), x)
-    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * (1 + np.abs(e).max()))
+    _check_gradients(v, x)
     assert taken  # every variant here has a 4×4 `w1`
 
 
