@@ -340,6 +340,26 @@ def test_lokr_gpu_contraction_matches_dense(variant, getkey, monkeypatch, reques
     assert taken  # every variant here has a 4×4 `w1`
 
 
+def test_lokr_lowering_picks_the_gpu_contraction_for_cuda(getkey):
+    """The branch is chosen per platform at lowering: lowered for CUDA (no GPU needed),
+    the small `w1` is a reduction over the broadcast product and no batched product is
+    left; lowered for the CPU, the batched product stays and no reduction appears."""
+    v = lora.LokrArray(jr.normal(getkey(), (OUT, IN)), rank=2, decompose_factor=4, key=getkey())
+    assert v.w1 is not None and v.w1.size <= 16
+    x = jnp.ones((5, IN))
+    traced = jax.jit(quax.quaxify(lambda v, x: x @ v.T)).trace(v, x)
+
+    def lowered(platform):
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        return [line for line in text.splitlines() if "dot_general" in line or "reduce" in line]
+
+    cuda, cpu = lowered("cuda"), lowered("cpu")
+    assert not any("batching_dims" in line for line in cuda)
+    assert any("stablehlo.reduce" in line for line in cuda)
+    assert any("batching_dims" in line for line in cpu)
+    assert not any("stablehlo.reduce" in line for line in cpu)
+
+
 def test_lokr_init_weights_zero_the_right_factor(getkey):
     w = jr.normal(getkey(), (OUT, IN))
     v = lora.LokrArray(w, rank=1, decompose_both=True, key=getkey())
