@@ -41,3 +41,25 @@ def test_step_tiny(tmp_path):
     ratios = re.findall(r"^\| (.+?) \| [\d,]+ \| [\d.]+ \| ([\d.]+) \|", table, re.M)
     assert len(ratios) == len(ROWS) + 1, table  # and the floor
     assert all(float(r) > 0 for _, r in ratios), table
+
+
+def test_profile_tiny(tmp_path):
+    out = tmp_path / "profile.md"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    script = str(ROOT / "benchmarks" / "profile_step.py")
+    args = ["--preset", "tiny", "--only", "lora,dora", "--steps", "2", "--out", str(out)]
+    run = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    table = out.read_text()
+    assert "| **wall** |" in table and "lora (rank 4)" in table and "dora (rank 4)" in table
+    # Every contender's products were seen by the profiler.
+    gemm = re.search(r"^\| GEMM[^|]*\|(.*)$", table, re.M).group(1)
+    assert all(float(c.split()[0]) > 0 for c in gemm.split("|")[:3]), table
