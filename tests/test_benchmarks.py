@@ -63,3 +63,20 @@ def test_profile_tiny(tmp_path):
     # Every contender's products were seen by the profiler.
     gemm = re.search(r"^\| GEMM[^|]*\|(.*)$", table, re.M).group(1)
     assert all(float(c.split()[0]) > 0 for c in gemm.split("|")[:3]), table
+
+
+def test_fused_kernel_check():
+    """The fused-kernel experiment's kernels, in Pallas's interpret mode, still equal
+    XLA's products (the script exits non-zero otherwise)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fused_kernel.py"), "--check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "factor gradients, fused against XLA" in run.stdout
