@@ -1,5 +1,6 @@
-"""A fused LoRA product for Hopper GPUs, measured: one Mosaic GPU kernel (Pallas, wgmma)
-computes `x·w′ + h·at`, the large product pipelined through shared memory and the
+"""lora_jax's fused LoRA product for Hopper GPUs (`LoraArray(..., kernel="mosaic")`,
+in lora_jax/_mosaic.py), measured: one Mosaic GPU kernel (Pallas, wgmma) computes
+`x·w′ + h·at`, the large product pipelined through shared memory and the
 low-rank term `h·at` (h = s·x·bᵀ, computed by XLA, rows × rank) added to the
 accumulator by one more wgmma before the store. The activation-sized expansion
 `h·aᵀ` is never written, nor read back for the add.
@@ -15,8 +16,8 @@ Timed alone and in the GPU preset's step (8 blocks 2048→8192→2048, 8192 toke
 rank 16, AdamW on the factors; the blocks as in `step.py`, written in plain JAX) against
 the floor and the same step in plain XLA.
 
-An experiment, not part of lora_jax's rules yet: results in
-benchmarks/results/fused_mosaic_h100.md.
+Results in benchmarks/results/fused_mosaic_h100.md; `step.py`'s lora-mosaic row
+measures the same kernel through lora_jax's rules.
 
     python benchmarks/fused_mosaic.py --check   # any machine: lowers the kernel for
                                                 # CUDA, checks the custom_vjp's algebra
@@ -25,6 +26,7 @@ benchmarks/results/fused_mosaic_h100.md.
 
 import argparse
 import functools
+import pathlib
 import re
 import statistics
 import sys
@@ -35,13 +37,14 @@ import jax.numpy as jnp
 import jax.random as jr
 import optax
 from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout
+from lora_jax import _mosaic  # noqa: E402
+from lora_jax._mosaic import PAD, lora_matmul  # noqa: E402
 
 
 S = 2.0  # the adapter's scaling
-PAD = 64  # the low-rank term's contraction, the rank zero-padded to it
-H100_SMS = 132  # streaming multiprocessors, for lowering on a machine without the GPU
 CONFIGS = [  # rows per warpgroup (two per block), columns, contraction, pipeline stages
     dict(tile_m=128, tile_n=128, tile_k=64, stages=3),
     dict(tile_m=64, tile_n=128, tile_k=64, stages=4),
@@ -49,154 +52,14 @@ CONFIGS = [  # rows per warpgroup (two per block), columns, contraction, pipelin
 ]
 
 
-def _smem_layout(minor, dtype):
-    """Tiling and swizzle for a shared-memory block whose minor dimension has `minor`
-    elements (what wgmma and the TMA copies expect)."""
-    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
-    per_row = swizzle // jnp.dtype(dtype).itemsize
-    return plgpu.TilingTransform((8, per_row)), plgpu.SwizzleTransform(swizzle)
-
-
-def lora_matmul(
-    x, w, h, at, *, w_transposed, tile_m=128, tile_n=128, tile_k=64, stages=3, sms=None
-):
-    """`x·wᵀ + h·at` (w_transposed: w is (n, k)) or `x·w + h·at` (w is (k, n)), in
-    x's dtype with float32 accumulation. x (m, k), h (m, PAD), at (PAD, n)."""
-    m, k = x.shape
-    n = w.shape[0] if w_transposed else w.shape[1]
-    dtype = x.dtype
-    block_m, epi = 2 * tile_m, 64
-    if m % block_m or n % tile_n or k % tile_k or h.shape != (m, PAD) or at.shape != (PAD, n):
-        raise ValueError(f"shapes x{x.shape} w{w.shape} h{h.shape} at{at.shape} do not tile")
-    m_blocks, n_blocks, k_steps = m // block_m, n // tile_n, k // tile_k
-    w_block = (tile_n, tile_k) if w_transposed else (tile_k, tile_n)
-    w_index = (lambda kk: (0, kk)) if w_transposed else (lambda kk: (kk, 0))
-
-    def body(x_gmem, w_gmem, h_gmem, at_gmem, out_gmem):
-        def pipeline(mma, context):
-            specs = [
-                plgpu.BlockSpec(
-                    (block_m, tile_k),
-                    lambda kk: (0, kk),
-                    transforms=_smem_layout(tile_k, dtype),
-                    memory_space=plgpu.SMEM,
-                ),
-                plgpu.BlockSpec(
-                    w_block,
-                    w_index,
-                    transforms=_smem_layout(w_block[1], dtype),
-                    memory_space=plgpu.SMEM,
-                ),
-            ]
-            return plgpu.emit_pipeline_warp_specialized(
-                mma,
-                grid=(k_steps,),
-                memory_registers=40,
-                in_specs=specs,
-                wg_axis="wg",
-                num_compute_wgs=2,
-                max_concurrent_steps=stages,
-                compute_context=context,
-            )
-
-        def unused(*args, **kwargs):
-            return None
-
-        @functools.partial(
-            pl.run_scoped,
-            allocations=pipeline(unused, unused).get_allocations(x_gmem, w_gmem),
-            out_smem=plgpu.SMEM((2, epi, epi), dtype, transforms=_smem_layout(epi, dtype)),
-            h_smem=plgpu.SMEM((block_m, PAD), dtype, transforms=_smem_layout(PAD, dtype)),
-            at_smem=plgpu.SMEM((2 * PAD, tile_n), dtype, transforms=_smem_layout(tile_n, dtype)),
-            barriers=plgpu.Barrier(num_barriers=4),
-            collective_axes="wg",
-        )
-        def _(allocations, out_smem, h_smem, at_smem, barriers):
-            wg = lax.axis_index("wg")
-            my_h = h_smem.at[pl.ds(wg * tile_m, tile_m)]
-            my_at = at_smem.at[pl.ds(wg * PAD, PAD)]
-
-            @plgpu.nd_loop((m_blocks * n_blocks,), collective_axes="sm")
-            def _(loop):
-                (tile,) = loop.index if hasattr(loop, "index") else loop
-                mi, ni = plgpu.planar_snake(tile, (m_blocks, n_blocks), 0, 8)
-                rows = pl.ds(mi * block_m + wg * tile_m, tile_m)
-                cols = pl.ds(ni * tile_n, tile_n)
-
-                def context(run_pipeline):
-                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
-                    def _(acc):
-                        # The low-rank operands load while the large product runs.
-                        plgpu.copy_gmem_to_smem(h_gmem.at[rows], my_h, barriers.at[2 * wg])
-                        plgpu.copy_gmem_to_smem(at_gmem.at[:, cols], my_at, barriers.at[2 * wg + 1])
-                        run_pipeline(acc)
-                        plgpu.barrier_wait(barriers.at[2 * wg])
-                        plgpu.barrier_wait(barriers.at[2 * wg + 1])
-                        plgpu.wgmma(acc, my_h, my_at)
-                        plgpu.wgmma_wait(0)
-                        y = acc[...].astype(dtype)
-                        for i in range(tile_m // epi):
-                            for j in range(tile_n // epi):
-                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                                out_smem[wg] = y[i * epi : (i + 1) * epi, j * epi : (j + 1) * epi]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(
-                                    out_smem.at[wg],
-                                    out_gmem.at[rows, cols].at[
-                                        pl.ds(i * epi, epi), pl.ds(j * epi, epi)
-                                    ],
-                                )
-
-                def mma(_, x_smem, w_smem, acc):
-                    w_op = w_smem.transpose((1, 0)) if w_transposed else w_smem
-                    plgpu.wgmma(acc, x_smem.at[pl.ds(wg * tile_m, tile_m)], w_op)
-                    plgpu.wgmma_wait(0)
-                    return acc
-
-                w_cols = w_gmem.at[cols, :] if w_transposed else w_gmem.at[:, cols]
-                pipeline(mma, context)(
-                    x_gmem.at[pl.ds(mi * block_m, block_m), :], w_cols, allocations=allocations
-                )
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), dtype),
-        grid=(sms or jax.devices()[0].core_count,),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )
-    return kernel(x, w, h, at)
-
-
 def _pad_rows(m):
     return jnp.pad(m, ((0, PAD - m.shape[0]), (0, 0)))
 
 
-def make_fused_linear(product):
-    """y = x·wᵀ + S·(x·bᵀ)·aᵀ with w frozen, its forward and input gradient each one
-    `product(x, w, h, at, w_transposed=...)`."""
-    f32 = jnp.float32
-
-    def forward(x, w, a, b):
-        hs = (S * jnp.dot(x, _pad_rows(b).T, preferred_element_type=f32)).astype(x.dtype)
-        return product(x, w, hs, _pad_rows(a.T), w_transposed=True), (x, w, a, b, hs)
-
-    def backward(res, g):
-        x, w, a, b, hs = res
-        r = a.shape[1]
-        gs = (S * jnp.dot(g, _pad_rows(a.T).T, preferred_element_type=f32)).astype(g.dtype)
-        gx = product(g, w, gs, _pad_rows(b), w_transposed=False)
-        ga = jnp.dot(g.T, hs[:, :r], preferred_element_type=f32).astype(a.dtype)
-        gb = jnp.dot(gs[:, :r].T, x, preferred_element_type=f32).astype(b.dtype)
-        return gx, jnp.zeros_like(w), ga, gb
-
-    linear = jax.custom_vjp(lambda x, w, a, b: forward(x, w, a, b)[0])
-    linear.defvjp(forward, backward)
-    return linear
+def fused_linear(x, w, a, b):
+    """y = x·wᵀ + S·(x·bᵀ)·aᵀ, w frozen: lora_jax's `custom_vjp` layer, whose forward
+    and input gradient are each one `lora_matmul`."""
+    return _mosaic.fused_linear(x, lax.stop_gradient(w), a, b, jnp.float32(S))
 
 
 def reference_product(x, w, h, at, *, w_transposed):
@@ -223,7 +86,7 @@ def check():
     sds = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
     for transposed, w in ((True, sds((384, 192), bf)), (False, sds((192, 384), bf))):
-        kernel = functools.partial(lora_matmul, w_transposed=transposed, sms=H100_SMS)
+        kernel = functools.partial(lora_matmul, w_transposed=transposed, sms=132)
         args = (sds((512, 192), bf), w, sds((512, PAD), bf), sds((PAD, 384), bf))
         text = jax.jit(kernel).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         calls = sorted(set(re.findall(r"custom_call @(\w+)", text)))
@@ -234,7 +97,8 @@ def check():
     w = jr.normal(keys[1], (80, 48))
     a = jr.normal(keys[2], (80, 4))
     b = jr.normal(keys[3], (4, 48))
-    fused = make_fused_linear(reference_product)
+    _mosaic.lora_matmul = reference_product  # the kernel, stated plainly
+    fused = fused_linear
 
     def loss(linear):
         return lambda x, a, b: jnp.sum(jnp.sin(linear(x, w, a, b)))
@@ -314,7 +178,7 @@ def step(blocks=8, d=2048, hidden=8192, tokens=8192, r=16, rounds=30):
             x = x + linear(jax.nn.gelu(linear(x, wu, au, bu)), wd, ad, bd)
         return jnp.mean(x.astype(jnp.float32) ** 2)
 
-    fused = make_fused_linear(lora_matmul)
+    fused = fused_linear
     got = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(1, 2)))(ws, fs, x)
     ref = jax.jit(jax.grad(functools.partial(loss, xla_linear), argnums=(1, 2)))(ws, fs, x)
     gf = rel_err(

@@ -12,7 +12,8 @@ process; the table gives the median of each, its ratio to the floor and its memo
     python benchmarks/step.py --only lora,peft          # some rows (floors always run)
 
 Rows (`--only` names): floor, lora, dora, lokr, loha, lokr-default, qlora-nf4,
-qlora-int8, qlora-nf4-remat, lora-remat, quax, full, torch-floor,
+qlora-int8, qlora-nf4-remat, lora-remat, lora-mosaic (`kernel="mosaic"`: the fused
+kernel on a Hopper GPU, elsewhere the same as lora), quax, full, torch-floor,
 torch-floor-compile, peft, peft-compile. The torch rows need `torch` and `peft`; they
 are skipped with a note when either does not import.
 """
@@ -64,6 +65,7 @@ ROWS = (
     "qlora-int8",
     "qlora-nf4-remat",
     "lora-remat",
+    "lora-mosaic",
     "quax",
     "full",
     "torch-floor",
@@ -454,6 +456,11 @@ def main(preset, rounds, only):
         "lora-remat",
         f"lora_jax lora (rank {r}){remat_label}",
         lambda: adapted(Net(model.blocks, remat=True)),
+    )
+    add(
+        "lora-mosaic",
+        f"lora_jax lora (rank {r}), kernel='mosaic'",
+        lambda: adapted(model, kernel="mosaic"),
     )
     add(
         "quax",

@@ -10,11 +10,13 @@ import jax.random as jr
 import quax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
+from . import _mosaic
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._dropout import dropout as apply_dropout
 from ._rules import Dims, lowrank_product, plain_product, product_sharding, result_order
 from ._validate import (
     check_bool,
+    check_choice,
     check_dtype,
     check_flags,
     check_key,
@@ -70,6 +72,7 @@ class LoraArray(AbstractAdapter):
     dropout: float = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
+    kernel: str = eqx.field(static=True, default="xla")
 
     trainable_fields = ("a", "b")
 
@@ -87,6 +90,7 @@ class LoraArray(AbstractAdapter):
         init: Init = "quax",
         dtype=None,
         dropout: float = 0.0,
+        kernel: str = "xla",
     ):
         """**Arguments:**
 
@@ -111,6 +115,16 @@ class LoraArray(AbstractAdapter):
             the input to the low-rank path (`s·a·(b·dropout(x))`; `w·x` sees `x`).
             Active only while the adapter holds a key, given by
             [`lora_jax.with_dropout_keys`][]; the identity otherwise.
+        - `kernel`: how a product with the adapted matrix is computed. `"xla"` (the
+            default): `w·x + s·a·(b·x)` as XLA's products. `"mosaic"`: on a Hopper GPU
+            (H100, H200), a linear layer's product and its input gradient are each one
+            Mosaic GPU kernel that adds the low-rank term to the large product's
+            accumulator, so the activation-sized `s·a·(b·x)` is never written. It
+            applies to bf16/f16 weights with factors and inputs of the same dtype,
+            rank ≤ 64, no dropout, rows a multiple of 256, `out` of 128 and `in` of
+            64; every other product (and every other backend) takes XLA's path. An
+            input sharded by `jit` is gathered for the kernel: use it unsharded or
+            under `shard_map`. See the performance guide.
 
         !!! Example
 
@@ -132,6 +146,7 @@ class LoraArray(AbstractAdapter):
         check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_scalar(scale, "scale")
         check_probability(dropout, "dropout")
+        check_choice(kernel, "kernel", ("xla", "mosaic"))
         if alpha is not None:
             check_scalar(alpha, "alpha", positive=True)
         if init not in ("quax", "peft", "gaussian"):
@@ -157,6 +172,7 @@ class LoraArray(AbstractAdapter):
         self.dropout_key = None
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
+        self.kernel = kernel
 
     @property
     def rank(self) -> int:
@@ -166,6 +182,13 @@ class LoraArray(AbstractAdapter):
         return _delta(self.a, self.b, lax.stop_gradient(self.scaling))
 
     def dot_general(self, other, dims: Dims, params):
+        if self.kernel == "mosaic":
+            rate = self.dropout if self.dropout_key is not None else 0.0
+            out = _mosaic.product(
+                self.w, self.a, self.b, lax.stop_gradient(self.scaling), other, dims, params, rate
+            )
+            if out is not None:
+                return out
         return _lora_dot(
             self.w,
             self.a,

@@ -1,0 +1,252 @@
+"""`LoraArray(..., kernel="mosaic")`: a linear layer's LoRA product on a Hopper GPU as
+one Mosaic GPU kernel.
+
+The kernel computes `x·wᵀ + h·at` (or `x·w + h·at`): the large product pipelined
+through shared memory by TMA and contracted by wgmma in two compute warpgroups per
+block, persistent over the SMs; the low-rank term `h·at` (with `h = s·x·bᵀ`, rows ×
+rank, from XLA) is one more wgmma on the float32 accumulator before the store. XLA's
+form writes the activation-sized expansion `h·aᵀ` and reads it back for the add; this
+one does not. Forward and input gradient are each one call (a `custom_vjp`); the factor
+gradients stay XLA's thin products.
+
+Measured on an H100 in benchmarks/results/fused_mosaic_h100.md. Used only where it
+applies (`product` returns `None` otherwise and the caller takes XLA's path): the
+default backend a Hopper GPU, a 2-D bf16/f16 weight with factors and input of its
+dtype, rank at most 64, the product a plain `x·wᵀ` over the input's last axis, and
+shapes that tile (rows a multiple of 256, `out` of 128, `in` of 64).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._rules import Dims, result_order
+
+
+PAD = 64  # the low-rank term's contraction: Mosaic's bf16 wgmma takes multiples of 64
+_TILE_M, _TILE_N, _TILE_K, _STAGES = 128, 128, 64, 3  # the best of those measured
+_H100_SMS = 132  # streaming multiprocessors, for lowering where no GPU is attached
+
+
+def _on_hopper() -> bool:
+    """Whether the default backend is a Hopper GPU (compute capability 9.x)."""
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith(
+        "9"
+    )
+
+
+def _sms() -> int:
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) if device.platform == "gpu" else _H100_SMS
+
+
+def _smem_layout(minor: int, dtype):
+    """Tiling and swizzle of a shared-memory block whose minor dimension has `minor`
+    elements, as wgmma and the TMA copies expect."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+    per_row = swizzle // jnp.dtype(dtype).itemsize
+    return plgpu.TilingTransform((8, per_row)), plgpu.SwizzleTransform(swizzle)
+
+
+def lora_matmul(
+    x,
+    w,
+    h,
+    at,
+    *,
+    w_transposed: bool,
+    tile_m: int = _TILE_M,
+    tile_n: int = _TILE_N,
+    tile_k: int = _TILE_K,
+    stages: int = _STAGES,
+    sms: int | None = None,
+):
+    """`x·wᵀ + h·at` (`w_transposed`: w is `(n, k)`) or `x·w + h·at` (w is `(k, n)`),
+    in x's dtype with float32 accumulation; x `(m, k)`, h `(m, PAD)`, at `(PAD, n)`."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m, k = x.shape
+    n = w.shape[0] if w_transposed else w.shape[1]
+    dtype = x.dtype
+    block_m, epi = 2 * tile_m, 64
+    if m % block_m or n % tile_n or k % tile_k or h.shape != (m, PAD) or at.shape != (PAD, n):
+        raise ValueError(f"shapes x{x.shape} w{w.shape} h{h.shape} at{at.shape} do not tile")
+    m_blocks, n_blocks, k_steps = m // block_m, n // tile_n, k // tile_k
+    w_block = (tile_n, tile_k) if w_transposed else (tile_k, tile_n)
+    w_index = (lambda kk: (0, kk)) if w_transposed else (lambda kk: (kk, 0))
+
+    def body(x_gmem, w_gmem, h_gmem, at_gmem, out_gmem):
+        def pipeline(mma, context):
+            specs = [
+                plgpu.BlockSpec(
+                    (block_m, tile_k),
+                    lambda kk: (0, kk),
+                    transforms=_smem_layout(tile_k, dtype),
+                    memory_space=plgpu.SMEM,
+                ),
+                plgpu.BlockSpec(
+                    w_block,
+                    w_index,
+                    transforms=_smem_layout(w_block[1], dtype),
+                    memory_space=plgpu.SMEM,
+                ),
+            ]
+            return plgpu.emit_pipeline_warp_specialized(
+                mma,
+                grid=(k_steps,),
+                memory_registers=40,
+                in_specs=specs,
+                wg_axis="wg",
+                num_compute_wgs=2,
+                max_concurrent_steps=stages,
+                compute_context=context,
+            )
+
+        def unused(*args, **kwargs):
+            return None
+
+        @functools.partial(
+            pl.run_scoped,
+            allocations=pipeline(unused, unused).get_allocations(x_gmem, w_gmem),
+            out_smem=plgpu.SMEM((2, epi, epi), dtype, transforms=_smem_layout(epi, dtype)),
+            h_smem=plgpu.SMEM((block_m, PAD), dtype, transforms=_smem_layout(PAD, dtype)),
+            at_smem=plgpu.SMEM((2 * PAD, tile_n), dtype, transforms=_smem_layout(tile_n, dtype)),
+            barriers=plgpu.Barrier(num_barriers=4),
+            collective_axes="wg",
+        )
+        def _(allocations, out_smem, h_smem, at_smem, barriers):
+            wg = lax.axis_index("wg")
+            my_h = h_smem.at[pl.ds(wg * tile_m, tile_m)]
+            my_at = at_smem.at[pl.ds(wg * PAD, PAD)]
+
+            @plgpu.nd_loop((m_blocks * n_blocks,), collective_axes="sm")
+            def _(loop):
+                (tile,) = loop.index if hasattr(loop, "index") else loop
+                mi, ni = plgpu.planar_snake(tile, (m_blocks, n_blocks), 0, 8)
+                rows = pl.ds(mi * block_m + wg * tile_m, tile_m)
+                cols = pl.ds(ni * tile_n, tile_n)
+
+                def context(run_pipeline):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                    def _(acc):
+                        # The low-rank operands load while the large product runs.
+                        plgpu.copy_gmem_to_smem(h_gmem.at[rows], my_h, barriers.at[2 * wg])
+                        plgpu.copy_gmem_to_smem(at_gmem.at[:, cols], my_at, barriers.at[2 * wg + 1])
+                        run_pipeline(acc)
+                        plgpu.barrier_wait(barriers.at[2 * wg])
+                        plgpu.barrier_wait(barriers.at[2 * wg + 1])
+                        plgpu.wgmma(acc, my_h, my_at)
+                        plgpu.wgmma_wait(0)
+                        y = acc[...].astype(dtype)
+                        for i in range(tile_m // epi):
+                            for j in range(tile_n // epi):
+                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                                out_smem[wg] = y[i * epi : (i + 1) * epi, j * epi : (j + 1) * epi]
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(
+                                    out_smem.at[wg],
+                                    out_gmem.at[rows, cols].at[
+                                        pl.ds(i * epi, epi), pl.ds(j * epi, epi)
+                                    ],
+                                )
+
+                def mma(_, x_smem, w_smem, acc):
+                    w_op = w_smem.transpose((1, 0)) if w_transposed else w_smem
+                    plgpu.wgmma(acc, x_smem.at[pl.ds(wg * tile_m, tile_m)], w_op)
+                    plgpu.wgmma_wait(0)
+                    return acc
+
+                w_cols = w_gmem.at[cols, :] if w_transposed else w_gmem.at[:, cols]
+                pipeline(mma, context)(
+                    x_gmem.at[pl.ds(mi * block_m, block_m), :], w_cols, allocations=allocations
+                )
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), dtype),
+        grid=(sms or _sms(),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    return kernel(x, w, h, at)
+
+
+def _pad_rows(m):
+    return jnp.pad(m, ((0, PAD - m.shape[0]), (0, 0)))
+
+
+@jax.custom_vjp
+def fused_linear(x, w, a, b, s):
+    """`x·wᵀ + s·(x·bᵀ)·aᵀ` for x `(m, in)`, w `(out, in)`, a `(out, r)`, b `(r, in)`,
+    s a scalar; no gradient reaches w or s (the caller stops both)."""
+    return _forward(x, w, a, b, s)[0]
+
+
+def _forward(x, w, a, b, s):
+    f32 = jnp.float32
+    hs = (s * jnp.dot(x, _pad_rows(b).T, preferred_element_type=f32)).astype(x.dtype)
+    y = lora_matmul(x, w, hs, _pad_rows(a.T), w_transposed=True)
+    return y, (x, w, a, b, s, hs)
+
+
+def _backward(res, g):
+    x, w, a, b, s, hs = res
+    f32 = jnp.float32
+    r = a.shape[1]
+    gs = (s * jnp.dot(g, _pad_rows(a.T).T, preferred_element_type=f32)).astype(g.dtype)
+    gx = lora_matmul(g, w, gs, _pad_rows(b), w_transposed=False)
+    ga = jnp.dot(g.T, hs[:, :r], preferred_element_type=f32).astype(a.dtype)
+    gb = jnp.dot(gs[:, :r].T, x, preferred_element_type=f32).astype(b.dtype)
+    return gx, jnp.zeros_like(w), ga, gb, jnp.zeros_like(s)
+
+
+fused_linear.defvjp(_forward, _backward)
+
+
+def product(w, a, b, scaling, other, dims: Dims, params, rate: float):
+    """The adapted product `dot_general(w + s·a@b, other)` by the kernel, in
+    `dot_general`'s layout, or `None` where the kernel does not apply."""
+    if rate or not _on_hopper():
+        return None
+    if not all(isinstance(v, jax.Array) for v in (w, a, b, other)):
+        return None  # a quantised base, say
+    dtype = w.dtype
+    if dtype not in (jnp.bfloat16, jnp.float16) or {a.dtype, b.dtype, other.dtype} != {dtype}:
+        return None
+    if params.get("precision") is not None or params.get("out_sharding") is not None:
+        return None
+    if params.get("preferred_element_type") not in (None, dtype):
+        return None
+    if w.ndim != 2 or other.ndim < 2 or a.shape[-1] > PAD or jnp.ndim(scaling):
+        return None
+    inner, perm = result_order(dims, w.ndim, other.ndim, params)
+    if (
+        inner.adapter_lhs
+        or inner.adapter_contract != (1,)
+        or inner.other_contract != (other.ndim - 1,)
+        or inner.adapter_batch
+        or inner.other_batch
+    ):
+        return None
+    (out, inp), lead = w.shape, other.shape[:-1]
+    rows = 1
+    for d in lead:
+        rows *= d
+    if rows % (2 * _TILE_M) or out % _TILE_N or inp % _TILE_K:
+        return None
+    y = fused_linear(other.reshape(rows, inp), w, a, b, jnp.asarray(scaling, jnp.float32))
+    y = y.reshape(*lead, out)
+    return y if perm is None else lax.transpose(y, perm)

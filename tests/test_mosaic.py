@@ -1,0 +1,184 @@
+"""`LoraArray(..., kernel="mosaic")`: the fused Mosaic GPU product.
+
+CI has no GPU: here the kernel is lowered for CUDA (no GPU needed), and its
+`custom_vjp` is checked against the dense reference with the kernel replaced by its
+plain-JAX statement. `test_kernel_on_a_hopper_gpu` runs the real kernel where a Hopper
+GPU is the default backend (the device machine) and is skipped elsewhere."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+import quax
+
+import lora_jax as lora
+from lora_jax import _mosaic, _rules
+
+
+TOKENS, IN, OUT, RANK = 256, 128, 256, 8
+
+
+def plain_kernel(x, w, h, at, *, w_transposed, **_):
+    f32 = jnp.float32
+    big = jnp.dot(x, w.T if w_transposed else w, preferred_element_type=f32)
+    return (big + jnp.dot(h, at, preferred_element_type=f32)).astype(x.dtype)
+
+
+@pytest.fixture
+def fresh_rules(request):
+    # The rules run under a cached jit: trace them afresh, and leave no trace of a
+    # forced path behind for later tests.
+    _rules._cached_dot.clear_cache()
+    request.addfinalizer(_rules._cached_dot.clear_cache)
+
+
+@pytest.fixture
+def no_leak_check():
+    # Under the leak checker (conftest turns it on) Mosaic's tracing of the kernel
+    # body fails with a concretisation error.
+    with jax.check_tracer_leaks(False):
+        yield
+
+
+def adapted(key, dtype=jnp.bfloat16, kernel="mosaic", out=OUT, inp=IN, rank=RANK, **options):
+    k1, k2, k3 = jr.split(key, 3)
+    lin = eqx.nn.Linear(inp, out, use_bias=False, key=k1, dtype=dtype)
+    lin = lora.loraify(lin, rank=rank, key=k2, kernel=kernel, **options)
+    # a nonzero (the default initialisation leaves it zero) so the term counts
+    a = jr.normal(k3, lin.weight.a.shape, jnp.float32) * 0.5
+    return eqx.tree_at(lambda m: m.weight.a, lin, a.astype(lin.weight.a.dtype))
+
+
+def dense(model):
+    v = model.weight
+    f32 = jnp.float32
+    return v.w.astype(f32) + v.scaling * (v.a.astype(f32) @ v.b.astype(f32))
+
+
+def loss(model, x):
+    y = jax.vmap(jax.vmap(model))(x) if x.ndim == 3 else jax.vmap(model)(x)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+
+def dense_loss(w, x):
+    return jnp.sum(jnp.sin(x.astype(jnp.float32) @ w.T))
+
+
+def test_kernel_option_is_checked(getkey):
+    with pytest.raises(ValueError, match="`kernel` must be one of 'xla', 'mosaic'"):
+        lora.LoraArray(jnp.ones((4, 4)), rank=2, key=getkey(), kernel="triton")
+
+
+@pytest.mark.parametrize("lead", [(TOKENS,), (2, TOKENS // 2)], ids=["tokens", "batch-tokens"])
+def test_custom_vjp_matches_dense(lead, getkey, monkeypatch, fresh_rules):
+    """The kernel's `custom_vjp`, the kernel stated plainly: forward, input gradient
+    and factor gradients equal the dense reference's (float32 inputs through the
+    bf16-style path would not take it, so bf16 with a bf16 tolerance)."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
+    model = adapted(getkey())
+    x = jr.normal(getkey(), (*lead, IN), jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(quax.quaxify(loss))(model, x))
+    assert "custom_vjp_call" in jaxpr  # the kernel's path was taken
+    y = quax.quaxify(lambda m, x: jax.vmap(jax.vmap(m))(x) if x.ndim == 3 else jax.vmap(m)(x))(
+        model, x
+    )
+    ref = x.astype(jnp.float32) @ dense(model).T
+    np.testing.assert_allclose(
+        y.astype(jnp.float32), ref, rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max())
+    )
+
+    params, frozen = lora.partition(model)
+    grads = jax.grad(lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), argnums=(0, 1))(
+        params, x
+    )
+    v = model.weight
+    f32 = jnp.float32
+
+    def ref_loss(a, b, x):
+        w = v.w.astype(f32) + v.scaling * (a @ b)
+        return dense_loss(w, x.astype(f32))
+
+    ga, gb, gx = jax.grad(ref_loss, argnums=(0, 1, 2))(v.a.astype(f32), v.b.astype(f32), x)
+    for got, want in ((grads[0].weight.a, ga), (grads[0].weight.b, gb), (grads[1], gx)):
+        got = got.astype(f32)
+        np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
+    assert grads[0].weight._w is None  # the base weight stays frozen
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["xla", "float32", "rows", "rank", "dropout", "cpu"],
+)
+def test_other_products_take_xlas_path(case, getkey, monkeypatch, fresh_rules):
+    """Where the kernel does not apply the product is XLA's, whatever `kernel` says."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: case != "cpu")
+    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
+    model = adapted(
+        getkey(),
+        dtype=jnp.float32 if case == "float32" else jnp.bfloat16,
+        kernel="xla" if case == "xla" else "mosaic",
+        rank=80 if case == "rank" else RANK,
+        dropout=0.1 if case == "dropout" else 0.0,
+    )
+    tokens = TOKENS - 1 if case == "rows" else TOKENS
+    x = jnp.ones((tokens, IN), model.weight.w.dtype)
+    if case == "dropout":
+        model = lora.with_dropout_keys(model, getkey())
+    jaxpr = str(jax.make_jaxpr(quax.quaxify(loss))(model, x))
+    assert "custom_vjp_call" not in jaxpr
+
+
+def test_kernel_lowers_for_cuda(getkey, monkeypatch, fresh_rules, no_leak_check):
+    """Lowered for CUDA (no GPU needed), a training step's forward and input gradient
+    are each one Mosaic GPU kernel, and no activation-sized product is left besides."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    model = adapted(getkey())
+    params, frozen = lora.partition(model)
+    x = jnp.ones((TOKENS, IN), jnp.bfloat16)
+
+    def step(p, x):
+        return jax.grad(lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), argnums=(0, 1))(
+            p, x
+        )
+
+    text = jax.jit(step).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+    kernels = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert len(kernels) == 2, kernels
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    # Only the thin products remain (XLA's path has four activation-sized products
+    # here: the forward's two and the input gradient's two).
+    activation = (f"tensor<{TOKENS}x{OUT}x", f"tensor<{TOKENS}x{IN}x")
+    big = [line for line in dots if line.split("->")[-1].strip().startswith(activation)]
+    assert not big, big
+
+
+@pytest.mark.skipif(not _mosaic._on_hopper(), reason="needs a Hopper GPU")
+def test_kernel_on_a_hopper_gpu(getkey, fresh_rules, no_leak_check):
+    """The real kernel: forward and gradients equal XLA's path within bf16 rounding."""
+    key = getkey()
+    model = adapted(key, out=1024, inp=512, rank=16)
+    xla = adapted(key, out=1024, inp=512, rank=16, kernel="xla")
+    x = jr.normal(getkey(), (2048, 512), jnp.bfloat16)
+    params, frozen = lora.partition(model)
+    xparams, xfrozen = lora.partition(xla)
+
+    def grads(p, frozen):
+        return jax.jit(
+            jax.grad(lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), argnums=(0, 1))
+        )(p, x)
+
+    got, want = grads(params, frozen), grads(xparams, xfrozen)
+    f32 = jnp.float32
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(
+            g.astype(f32), w.astype(f32), atol=2e-2 * float(jnp.abs(w.astype(f32)).max())
+        )
+    y = quax.quaxify(lambda m, x: jax.vmap(m)(x))
+    np.testing.assert_allclose(
+        y(model, x).astype(f32),
+        y(xla, x).astype(f32),
+        atol=2e-2 * float(jnp.abs(y(xla, x).astype(f32)).max()),
+    )
