@@ -108,6 +108,24 @@ def test_custom_vjp_matches_dense(lead, getkey, monkeypatch, fresh_rules):
     assert grads[0].weight._w is None  # the base weight stays frozen
 
 
+def test_custom_vjp_under_remat_policy(getkey, monkeypatch, fresh_rules):
+    """A block checkpointed with `remat_policy` gives the same gradients through the
+    kernel's path."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
+    model = adapted(getkey())
+    x = jr.normal(getkey(), (TOKENS, IN), jnp.bfloat16)
+    params, frozen = lora.partition(model)
+    remat_loss = eqx.filter_checkpoint(loss, policy=lora.remat_policy)
+
+    def grads(f):
+        return jax.grad(lambda p: quax.quaxify(f)(eqx.combine(p, frozen), x))(params)
+
+    assert "custom_vjp_call" in str(jax.make_jaxpr(quax.quaxify(remat_loss))(model, x))
+    for got, want in zip(jax.tree.leaves(grads(remat_loss)), jax.tree.leaves(grads(loss))):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize(
     "case",
     ["xla", "float32", "rows", "rank", "dropout", "cpu"],
