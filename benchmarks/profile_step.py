@@ -51,7 +51,7 @@ KINDS = (
     "elementwise / reduction",
     "memset / memcpy",
 )
-ROWS = ("lora", "dora", "lokr", "loha", "lokr-default")
+ROWS = ("lora", "lora-mosaic", "dora", "lokr", "loha", "lokr-default")
 
 
 def kind(name: str) -> str:
@@ -85,6 +85,11 @@ def build(preset: str, rows):
         )
         label = f"{method} (rank {rank})" + (" default split" if row == "lokr-default" else "")
         out[row] = (label, step.jax_adapter_step(adapted, x, opt, lora.partition))
+    if "lora-mosaic" in rows:  # the fused kernel (a Hopper GPU; elsewhere XLA's path)
+        r = cfg["rank"]
+        adapted = lora.loraify(model, rank=r, alpha=2.0 * r, key=keys[-2], kernel="mosaic")
+        label = f"lora (rank {r}), kernel='mosaic'"
+        out["lora-mosaic"] = (label, step.jax_adapter_step(adapted, x, opt, lora.partition))
     return out
 
 
