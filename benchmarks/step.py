@@ -12,8 +12,9 @@ process; the table gives the median of each, its ratio to the floor and its memo
     python benchmarks/step.py --only lora,peft          # some rows (floors always run)
 
 Rows (`--only` names): floor, lora, dora, lokr, loha, lokr-default, qlora-nf4,
-qlora-int8, qlora-nf4-remat, lora-remat, lora-mosaic (`kernel="mosaic"`: the fused
-kernel on a Hopper GPU, elsewhere the same as lora), quax, full, torch-floor,
+qlora-int8, qlora-nf4-remat, lora-remat, lora-mosaic, dora-mosaic, qlora-nf4-mosaic,
+qlora-int8-mosaic (the `-mosaic` rows: `kernel="mosaic"`, the fused kernel on a Hopper
+GPU, elsewhere the same as without), quax, full, torch-floor,
 torch-floor-compile, peft, peft-compile. The torch rows need `torch` and `peft`; they
 are skipped with a note when either does not import.
 """
@@ -66,6 +67,9 @@ ROWS = (
     "qlora-nf4-remat",
     "lora-remat",
     "lora-mosaic",
+    "dora-mosaic",
+    "qlora-nf4-mosaic",
+    "qlora-int8-mosaic",
     "quax",
     "full",
     "torch-floor",
@@ -462,6 +466,17 @@ def main(preset, rounds, only):
         f"lora_jax lora (rank {r}), kernel='mosaic'",
         lambda: adapted(model, kernel="mosaic"),
     )
+    add(
+        "dora-mosaic",
+        f"lora_jax dora (rank {r}), kernel='mosaic'",
+        lambda: adapted(model, method="dora", kernel="mosaic"),
+    )
+    for qmethod in ("nf4", "int8"):
+        add(
+            f"qlora-{qmethod}-mosaic",
+            f"lora_jax lora (rank {r}) on a {qmethod} base (QLoRA), kernel='mosaic'",
+            lambda qmethod=qmethod: adapted(lora.quantise(model, method=qmethod), kernel="mosaic"),
+        )
     add(
         "quax",
         f"quax.examples.lora (rank {r})",

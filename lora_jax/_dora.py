@@ -8,6 +8,7 @@ import quax
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
+from . import _mosaic
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._broadcast import along_output
 from ._dropout import dropout as apply_dropout
@@ -15,6 +16,7 @@ from ._lora import Init, init_factors, lora_scaling
 from ._remat import OUTPUT_NAME
 from ._rules import Dims, join_dims, lowrank_product, result_order
 from ._validate import (
+    check_choice,
     check_dtype,
     check_flags,
     check_key,
@@ -52,6 +54,7 @@ class DoraArray(AbstractAdapter):
     axis: int = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
+    kernel: str = eqx.field(static=True, default="xla")
 
     trainable_fields = ("a", "b", "m")
 
@@ -69,13 +72,16 @@ class DoraArray(AbstractAdapter):
         dropout: float = 0.0,
         allow_materialise: bool = False,
         stop_gradient: bool = True,
+        kernel: str = "xla",
     ):
         """**Arguments:**
 
         - `weight`: the original weight, of shape `(*batch, out, in)`.
         - `rank`, `key`, `alpha`, `rslora`, `init`, `scale`, `dtype`,
-            `allow_materialise`, `stop_gradient`: as for [`lora_jax.LoraArray`][]. The
-            magnitudes `m` take the factors' dtype.
+            `allow_materialise`, `stop_gradient`, `kernel`: as for
+            [`lora_jax.LoraArray`][]. The magnitudes `m` take the factors' dtype. With
+            `kernel="mosaic"` the fused kernel computes `w·x + s·a·(b·x)` and the
+            magnitudes scale its output.
         - `dropout`: PEFT's `lora_dropout` for DoRA: while the adapter holds a key
             (see [`lora_jax.with_dropout_keys`][]), the product is
             `w·x + (m/n - 1) ⊙ w·x̃ + (m/n) ⊙ s·a·(b·x̃)` with `x̃` the dropped-out input,
@@ -101,6 +107,7 @@ class DoraArray(AbstractAdapter):
         check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_scalar(scale, "scale")
         check_probability(dropout, "dropout")
+        check_choice(kernel, "kernel", ("xla", "mosaic"))
         if alpha is not None:
             check_scalar(alpha, "alpha", positive=True)
         if init not in ("quax", "peft", "gaussian"):
@@ -123,6 +130,7 @@ class DoraArray(AbstractAdapter):
         self.b = b
         self.scaling = as_scaling(lora_scaling(rank, alpha, rslora), tuple(batch))
         self.axis = -2
+        self.kernel = kernel
         self.m = _norm(weight, a, b, self.scaling, -2)
         self.dropout = float(dropout)
         self.dropout_key = None
@@ -141,6 +149,18 @@ class DoraArray(AbstractAdapter):
         return _delta(self.w, self.a, self.b, self.m, lax.stop_gradient(self.scaling), self.axis)
 
     def dot_general(self, other, dims: Dims, params):
+        if self.kernel == "mosaic" and self.axis == -2:
+            rate = self.dropout if self.dropout_key is not None else 0.0
+            scaling = lax.stop_gradient(self.scaling)
+            out = _mosaic.product(self.w, self.a, self.b, scaling, other, dims, params, rate)
+            if out is not None:
+                # The output units are the product's first axis with the matrix on the
+                # left, its last otherwise (`_mosaic.product` takes plain `x·wᵀ` only).
+                g = self.m / lax.stop_gradient(_norm(self.w, self.a, self.b, scaling, -2))
+                g = g.astype(out.dtype)
+                ones = [1] * (out.ndim - 1)
+                g = g.reshape(-1, *ones) if dims.adapter_lhs else g.reshape(*ones, -1)
+                return checkpoint_name(out, OUTPUT_NAME) * g
         return _dora_dot(
             self.w,
             self.a,

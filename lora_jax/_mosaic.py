@@ -11,9 +11,10 @@ gradients stay XLA's thin products.
 
 Measured on an H100 in benchmarks/results/fused_mosaic_h100.md. Used only where it
 applies (`product` returns `None` otherwise and the caller takes XLA's path): the
-default backend a Hopper GPU, a 2-D bf16/f16 weight with factors and input of its
-dtype, rank at most 64, the product a plain `x·wᵀ` over the input's last axis, and
-shapes that tile (rows a multiple of 256, `out` of 128, `in` of 64).
+default backend a Hopper GPU, a 2-D bf16/f16 weight (or a quantised one, dequantised
+in the step for each call) with factors and input of its dtype, rank at most 64, the
+product a plain `x·wᵀ` over the input's last axis, and shapes that tile (rows a
+multiple of 256, `out` of 128, `in` of 64).
 """
 
 import functools
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._quant import is_quantised
 from ._rules import Dims, result_order
 
 
@@ -184,21 +186,29 @@ def lora_matmul(
     return kernel(x, w, h, at)
 
 
+def _dense(w):
+    """The weight as the kernel reads it: a quantised base is dequantised here, in the
+    step, once for the forward and once for the input gradient (only the quantised
+    arrays are kept in between)."""
+    return w.dequantise() if is_quantised(w) else w
+
+
 def _pad_rows(m):
     return jnp.pad(m, ((0, PAD - m.shape[0]), (0, 0)))
 
 
 @jax.custom_vjp
 def fused_linear(x, w, a, b, s):
-    """`x·wᵀ + s·(x·bᵀ)·aᵀ` for x `(m, in)`, w `(out, in)`, a `(out, r)`, b `(r, in)`,
-    s a scalar; no gradient reaches w or s (the caller stops both)."""
+    """`x·wᵀ + s·(x·bᵀ)·aᵀ` for x `(m, in)`, w `(out, in)` (an array or a quantised
+    one), a `(out, r)`, b `(r, in)`, s a scalar; no gradient reaches w or s (the caller
+    stops both)."""
     return _forward(x, w, a, b, s)[0]
 
 
 def _forward(x, w, a, b, s):
     f32 = jnp.float32
     hs = (s * jnp.dot(x, _pad_rows(b).T, preferred_element_type=f32)).astype(x.dtype)
-    y = lora_matmul(x, w, hs, _pad_rows(a.T), w_transposed=True)
+    y = lora_matmul(x, _dense(w), hs, _pad_rows(a.T), w_transposed=True)
     return y, (x, w, a, b, s, hs)
 
 
@@ -207,10 +217,10 @@ def _backward(res, g):
     f32 = jnp.float32
     r = a.shape[1]
     gs = (s * jnp.dot(g, _pad_rows(a.T).T, preferred_element_type=f32)).astype(g.dtype)
-    gx = lora_matmul(g, w, gs, _pad_rows(b), w_transposed=False)
+    gx = lora_matmul(g, _dense(w), gs, _pad_rows(b), w_transposed=False)
     ga = jnp.dot(g.T, hs[:, :r], preferred_element_type=f32).astype(a.dtype)
     gb = jnp.dot(gs[:, :r].T, x, preferred_element_type=f32).astype(b.dtype)
-    return gx, jnp.zeros_like(w), ga, gb, jnp.zeros_like(s)
+    return gx, None, ga, gb, None
 
 
 fused_linear.defvjp(_forward, _backward)
@@ -221,8 +231,10 @@ def product(w, a, b, scaling, other, dims: Dims, params, rate: float):
     `dot_general`'s layout, or `None` where the kernel does not apply."""
     if rate or not _on_hopper():
         return None
-    if not all(isinstance(v, jax.Array) for v in (w, a, b, other)):
-        return None  # a quantised base, say
+    if not all(isinstance(v, jax.Array) for v in (a, b, other)):
+        return None
+    if not (isinstance(w, jax.Array) or is_quantised(w)):
+        return None
     dtype = w.dtype
     if dtype not in (jnp.bfloat16, jnp.float16) or {a.dtype, b.dtype, other.dtype} != {dtype}:
         return None

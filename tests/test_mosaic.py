@@ -42,9 +42,13 @@ def no_leak_check():
         yield
 
 
-def adapted(key, dtype=jnp.bfloat16, kernel="mosaic", out=OUT, inp=IN, rank=RANK, **options):
+def adapted(
+    key, dtype=jnp.bfloat16, kernel="mosaic", out=OUT, inp=IN, rank=RANK, quant=None, **options
+):
     k1, k2, k3 = jr.split(key, 3)
     lin = eqx.nn.Linear(inp, out, use_bias=False, key=k1, dtype=dtype)
+    if quant is not None:
+        lin = lora.quantise(lin, method=quant)
     lin = lora.loraify(lin, rank=rank, key=k2, kernel=kernel, **options)
     # a nonzero (the default initialisation leaves it zero) so the term counts
     a = jr.normal(k3, lin.weight.a.shape, jnp.float32) * 0.5
@@ -126,6 +130,76 @@ def test_custom_vjp_under_remat_policy(getkey, monkeypatch, fresh_rules):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("lead", [(TOKENS,), (2, TOKENS // 2)], ids=["tokens", "batch-tokens"])
+def test_dora_matches_xlas_path(lead, getkey, monkeypatch, fresh_rules):
+    """DoRA with `kernel="mosaic"`: the kernel computes `w·x + s·a·(b·x)` and the
+    magnitudes scale it; output and gradients (the magnitudes' included) equal XLA's
+    path's, as a product with the matrix on either side."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
+    key = getkey()
+    fused, xla = (adapted(key, method="dora", kernel=k) for k in ("mosaic", "xla"))
+    # Magnitudes away from the norms, so that they count.
+    m = fused.weight.m.astype(jnp.float32) * (1 + 0.5 * jr.uniform(getkey(), fused.weight.m.shape))
+    fused, xla = (
+        eqx.tree_at(lambda t: t.weight.m, v, m.astype(v.weight.m.dtype)) for v in (fused, xla)
+    )
+    x = jr.normal(getkey(), (*lead, IN), jnp.bfloat16)
+
+    def run(model, f):
+        params, frozen = lora.partition(model)
+        g = lambda p, x: quax.quaxify(f)(eqx.combine(p, frozen), x)
+        return g(params, x), jax.grad(g, argnums=(0, 1))(params, x), jax.make_jaxpr(g)(params, x)
+
+    def right(m, x):  # the matrix on the right: `dot_general(x, w)`
+        y = jnp.einsum("...i,oi->...o", x, m.weight)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    for f in (loss, right):
+        (y1, g1, jaxpr), (y2, g2, _) = run(fused, f), run(xla, f)
+        assert "custom_vjp_call" in str(jaxpr)
+        np.testing.assert_allclose(y1, y2, rtol=2e-2)
+        f32 = jnp.float32
+        for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+            got, want = got.astype(f32), want.astype(f32)
+            np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantised_base_matches_xlas_path(quant, getkey, monkeypatch, fresh_rules, capsys):
+    """On a quantised base the kernel's path (the weight dequantised in the step for
+    each call) gives XLA's path's output and gradients, and keeps only the quantised
+    arrays between the forward and the backward."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
+    key = getkey()
+    fused, xla = (adapted(key, quant=quant, kernel=k) for k in ("mosaic", "xla"))
+    x = jr.normal(getkey(), (2 * TOKENS, IN), jnp.bfloat16)  # not of the weight's shape
+
+    def run(model):
+        params, frozen = lora.partition(model)
+        f = lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x)
+        return f(params, x), jax.grad(f, argnums=(0, 1))(params, x), jax.make_jaxpr(f)(params, x)
+
+    (y1, g1, jaxpr), (y2, g2, _) = run(fused), run(xla)
+    assert "custom_vjp_call" in str(jaxpr)
+    f32 = jnp.float32
+    np.testing.assert_allclose(y1, y2, rtol=2e-2)
+    for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        got, want = got.astype(f32), want.astype(f32)
+        np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
+    # What the backward keeps of the weight: the quantised arrays, not a dense copy.
+    params, frozen = lora.partition(fused)
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p: quax.quaxify(loss)(eqx.combine(p, frozen), x), params
+    )
+    saved = capsys.readouterr().out
+    assert "from the argument" in saved  # the listing is what this parses
+    dense = [line for line in saved.splitlines() if f"[{OUT},{IN}]" in line]
+    assert all(line.startswith(("i8", "u8")) for line in dense), saved
+
+
 @pytest.mark.parametrize(
     "case",
     ["xla", "float32", "rows", "rank", "dropout", "cpu"],
@@ -149,11 +223,13 @@ def test_other_products_take_xlas_path(case, getkey, monkeypatch, fresh_rules):
     assert "custom_vjp_call" not in jaxpr
 
 
-def test_kernel_lowers_for_cuda(getkey, monkeypatch, fresh_rules, no_leak_check):
+@pytest.mark.parametrize("variant", ["lora", "dora", "int8", "nf4"])
+def test_kernel_lowers_for_cuda(variant, getkey, monkeypatch, fresh_rules, no_leak_check):
     """Lowered for CUDA (no GPU needed), a training step's forward and input gradient
     are each one Mosaic GPU kernel, and no activation-sized product is left besides."""
     monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
-    model = adapted(getkey())
+    options = {"lora": {}, "dora": {"method": "dora"}}.get(variant, {"quant": variant})
+    model = adapted(getkey(), **options)
     params, frozen = lora.partition(model)
     x = jnp.ones((TOKENS, IN), jnp.bfloat16)
 
@@ -173,30 +249,33 @@ def test_kernel_lowers_for_cuda(getkey, monkeypatch, fresh_rules, no_leak_check)
     assert not big, big
 
 
+GPU_VARIANTS = {"lora": {}, "dora": {"method": "dora"}, "int8": {"quant": "int8"}}
+
+
 @pytest.mark.skipif(not _mosaic._on_hopper(), reason="needs a Hopper GPU")
-def test_kernel_on_a_hopper_gpu(getkey, fresh_rules, no_leak_check):
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
+def test_kernel_on_a_hopper_gpu(variant, getkey, fresh_rules, no_leak_check):
     """The real kernel: forward and gradients equal XLA's path within bf16 rounding."""
-    key = getkey()
-    model = adapted(key, out=1024, inp=512, rank=16)
-    xla = adapted(key, out=1024, inp=512, rank=16, kernel="xla")
+    key, options = getkey(), GPU_VARIANTS[variant]
+    model = adapted(key, out=1024, inp=512, rank=16, **options)
+    xla = adapted(key, out=1024, inp=512, rank=16, kernel="xla", **options)
     x = jr.normal(getkey(), (2048, 512), jnp.bfloat16)
-    params, frozen = lora.partition(model)
-    xparams, xfrozen = lora.partition(xla)
-
-    def grads(p, frozen):
-        return jax.jit(
-            jax.grad(lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), argnums=(0, 1))
-        )(p, x)
-
-    got, want = grads(params, frozen), grads(xparams, xfrozen)
     f32 = jnp.float32
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(
-            g.astype(f32), w.astype(f32), atol=2e-2 * float(jnp.abs(w.astype(f32)).max())
+
+    def run(model):
+        params, frozen = lora.partition(model)
+        f = jax.jit(lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x))
+        g = jax.jit(jax.grad(lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), (0, 1)))
+        y = jax.jit(
+            lambda p, x: quax.quaxify(lambda m, x: jax.vmap(m)(x))(eqx.combine(p, frozen), x)
         )
-    y = quax.quaxify(lambda m, x: jax.vmap(m)(x))
+        assert "mosaic_gpu" in f.lower(params, x).as_text() or model is xla
+        return y(params, x), g(params, x)
+
+    (y1, g1), (y2, g2) = run(model), run(xla)
     np.testing.assert_allclose(
-        y(model, x).astype(f32),
-        y(xla, x).astype(f32),
-        atol=2e-2 * float(jnp.abs(y(xla, x).astype(f32)).max()),
+        y1.astype(f32), y2.astype(f32), atol=2e-2 * float(jnp.abs(y2.astype(f32)).max())
     )
+    for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        got, want = got.astype(f32), want.astype(f32)
+        np.testing.assert_allclose(got, want, atol=2e-2 * float(jnp.abs(want).max()))
