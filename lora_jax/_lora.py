@@ -120,11 +120,13 @@ class LoraArray(AbstractAdapter):
             (H100, H200), a linear layer's product and its input gradient are each one
             Mosaic GPU kernel that adds the low-rank term to the large product's
             accumulator, so the activation-sized `s·a·(b·x)` is never written. It
-            applies to bf16/f16 weights with factors and inputs of the same dtype,
-            rank ≤ 64, no dropout, rows a multiple of 256, `out` of 128 and `in` of
-            64; every other product (and every other backend) takes XLA's path. An
-            input sharded by `jit` is gathered for the kernel: use it unsharded or
-            under `shard_map`. See the performance guide.
+            applies to bf16/f16 weights (quantised ones too) with factors and inputs
+            of the same dtype, rank ≤ 64, no dropout, the product `x·wᵀ` over the
+            input's last axis (a `Linear` under `vmap`), rows a multiple of 256, `out`
+            of 128 and `in` of 64; every other product (and every other backend) takes
+            XLA's path. An input sharded by `jit` is gathered for the kernel: use it
+            unsharded or under `shard_map`. See the
+            [performance notes](../howto/performance.md#a-fused-kernel-on-hopper-gpus-kernelmosaic).
 
         !!! Example
 
