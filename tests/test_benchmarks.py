@@ -9,26 +9,18 @@ import sys
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ROWS = ["lora", "dora", "lokr-default", "qlora-nf4", "lora-remat", "quax", "full"]
+ROWS = ["lora", "dora", "lokr-default", "qlora-nf4", "lora-remat", "lora-mosaic", "quax", "full"]
 
 
-def test_step_tiny(tmp_path):
-    out = tmp_path / "step.md"
+def run_script(name, *args, leak_check=True):
+    """`python benchmarks/<name> args` on the CPU, one device as a user's run; the
+    completed process (its exit status checked)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
+    env.pop("XLA_FLAGS", None)
+    if not leak_check:
+        env.pop("JAX_CHECK_TRACER_LEAKS", None)
     run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "step.py"),
-            "--preset",
-            "tiny",
-            "--rounds",
-            "2",
-            "--only",
-            ",".join(ROWS),
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -36,6 +28,13 @@ def test_step_tiny(tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def test_step_tiny(tmp_path):
+    out = tmp_path / "step.md"
+    args = ["--preset", "tiny", "--rounds", "2", "--only", ",".join(ROWS), "--out", str(out)]
+    run_script("step.py", *args)
     table = out.read_text()
     assert "failed to build" not in table, table
     ratios = re.findall(r"^\| (.+?) \| [\d,]+ \| [\d.]+ \| ([\d.]+) \|", table, re.M)
@@ -45,19 +44,8 @@ def test_step_tiny(tmp_path):
 
 def test_profile_tiny(tmp_path):
     out = tmp_path / "profile.md"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    script = str(ROOT / "benchmarks" / "profile_step.py")
     args = ["--preset", "tiny", "--only", "lora,dora", "--steps", "2", "--out", str(out)]
-    run = subprocess.run(
-        [sys.executable, script, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_script("profile_step.py", *args)
     table = out.read_text()
     assert "| **wall** |" in table and "lora (rank 4)" in table and "dora (rank 4)" in table
     # Every contender's products were seen by the profiler.
@@ -68,36 +56,15 @@ def test_profile_tiny(tmp_path):
 def test_fused_kernel_check():
     """The fused-kernel experiment's kernels, in Pallas's interpret mode, still equal
     XLA's products (the script exits non-zero otherwise)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "fused_kernel.py"), "--check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    run = run_script("fused_kernel.py", "--check")
     assert "factor gradients, fused against XLA" in run.stdout
 
 
 def test_fused_mosaic_check():
     """The Mosaic GPU kernel still lowers for CUDA (no GPU needed), and its custom_vjp
     layer equals the dense LoRA layer (the script exits non-zero otherwise)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
     # Under the leak checker (conftest turns it on) tracing the kernel body fails with
     # a concretisation error; without it the kernel lowers, and runs right on an H100.
-    env.pop("JAX_CHECK_TRACER_LEAKS", None)
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "fused_mosaic.py"), "--check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    run = run_script("fused_mosaic.py", "--check", leak_check=False)
     assert run.stdout.count("lowered for CUDA") == 2, run.stdout
     assert "gradients (x, a, b), custom_vjp against dense" in run.stdout
