@@ -149,7 +149,8 @@ class DoraArray(AbstractAdapter):
         return _delta(self.w, self.a, self.b, self.m, lax.stop_gradient(self.scaling), self.axis)
 
     def dot_general(self, other, dims: Dims, params):
-        if self.kernel == "mosaic" and self.axis == -2:
+        # The kernel's gradient stops at `w`: a trained base takes XLA's path.
+        if self.kernel == "mosaic" and self.stop_gradient and self.axis == -2:
             rate = self.dropout if self.dropout_key is not None else 0.0
             scaling = lax.stop_gradient(self.scaling)
             out = _mosaic.product(self.w, self.a, self.b, scaling, other, dims, params, rate)

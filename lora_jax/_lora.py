@@ -121,7 +121,8 @@ class LoraArray(AbstractAdapter):
             Mosaic GPU kernel that adds the low-rank term to the large product's
             accumulator, so the activation-sized `s·a·(b·x)` is never written. It
             applies to bf16/f16 weights (quantised ones too) with factors and inputs
-            of the same dtype, rank ≤ 64, no dropout, the product `x·wᵀ` over the
+            of the same dtype, rank ≤ 64, no dropout, a frozen base
+            (`stop_gradient=True`), the product `x·wᵀ` over the
             input's last axis (a `Linear` under `vmap`), rows a multiple of 256, `out`
             of 128 and `in` of 64; every other product (and every other backend) takes
             XLA's path. An input sharded by `jit` is gathered for the kernel: use it
@@ -184,7 +185,8 @@ class LoraArray(AbstractAdapter):
         return _delta(self.a, self.b, lax.stop_gradient(self.scaling))
 
     def dot_general(self, other, dims: Dims, params):
-        if self.kernel == "mosaic":
+        # The kernel's gradient stops at `w`: a trained base takes XLA's path.
+        if self.kernel == "mosaic" and self.stop_gradient:
             rate = self.dropout if self.dropout_key is not None else 0.0
             out = _mosaic.product(
                 self.w, self.a, self.b, lax.stop_gradient(self.scaling), other, dims, params, rate

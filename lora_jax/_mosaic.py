@@ -45,7 +45,8 @@ def _on_hopper() -> bool:
 
 def _sms() -> int:
     device = jax.devices()[0]
-    return getattr(device, "core_count", None) if device.platform == "gpu" else _H100_SMS
+    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return count or _H100_SMS
 
 
 def _smem_layout(minor: int, dtype):

@@ -202,7 +202,7 @@ def test_quantised_base_matches_xlas_path(quant, getkey, monkeypatch, fresh_rule
 
 @pytest.mark.parametrize(
     "case",
-    ["xla", "float32", "rows", "rank", "dropout", "cpu"],
+    ["xla", "float32", "rows", "rank", "dropout", "cpu", "trained-base"],
 )
 def test_other_products_take_xlas_path(case, getkey, monkeypatch, fresh_rules):
     """Where the kernel does not apply the product is XLA's, whatever `kernel` says."""
@@ -214,6 +214,7 @@ def test_other_products_take_xlas_path(case, getkey, monkeypatch, fresh_rules):
         kernel="xla" if case == "xla" else "mosaic",
         rank=80 if case == "rank" else RANK,
         dropout=0.1 if case == "dropout" else 0.0,
+        stop_gradient=case != "trained-base",  # the kernel gives `w` no gradient
     )
     tokens = TOKENS - 1 if case == "rows" else TOKENS
     x = jnp.ones((tokens, IN), model.weight.w.dtype)
