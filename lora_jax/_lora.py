@@ -123,7 +123,7 @@ class LoraArray(AbstractAdapter):
             applies to bf16/f16 weights (quantised ones too) with factors and inputs
             of the same dtype, rank ≤ 64, no dropout, a frozen base
             (`stop_gradient=True`), the product `x·wᵀ` over the
-            input's last axis (a `Linear` under `vmap`), rows a multiple of 256, `out`
+            input's last axis (a `Linear` under `vmap`, or `x @ w.T`), rows a multiple of 256, `out`
             of 128 and `in` of 64; every other product (and every other backend) takes
             XLA's path. An input sharded by `jit` is gathered for the kernel: use it
             unsharded or under `shard_map`. See the

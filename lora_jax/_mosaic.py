@@ -248,11 +248,19 @@ def product(w, a, b, scaling, other, dims: Dims, params, rate: float):
     inner, perm = result_order(dims, w.ndim, other.ndim, params)
     if (
         inner.adapter_lhs
-        or inner.adapter_contract != (1,)
         or inner.other_contract != (other.ndim - 1,)
         or inner.adapter_batch
         or inner.other_batch
     ):
+        return None
+    if inner.adapter_contract == (0,):
+        if is_quantised(w):
+            return None
+        # A transposed adapter (`x @ w.T` in the model) holds the stored matrix and
+        # factors transposed: transposing them back costs nothing (XLA cancels the
+        # two transposes) and gives the kernel its `x·wᵀ`.
+        w, a, b = w.T, b.T, a.T
+    elif inner.adapter_contract != (1,):
         return None
     (out, inp), lead = w.shape, other.shape[:-1]
     rows = 1

@@ -112,6 +112,32 @@ def test_custom_vjp_matches_dense(lead, getkey, monkeypatch, fresh_rules):
     assert grads[0].weight._w is None  # the base weight stays frozen
 
 
+def test_transposed_adapter_matches_xlas_path(getkey, monkeypatch, fresh_rules):
+    """`x @ w.T` on an adapted weight (a transposed adapter) takes the kernel too, and
+    gives XLA's path's output and gradients."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
+    key = getkey()
+    fused, xla = (adapted(key, kernel=k) for k in ("mosaic", "xla"))
+    x = jr.normal(getkey(), (2, TOKENS // 2, IN), jnp.bfloat16)
+
+    def f(m, x):
+        return jnp.sum(jnp.sin((x @ m.weight.T).astype(jnp.float32)))
+
+    def run(model):
+        params, frozen = lora.partition(model)
+        g = lambda p, x: quax.quaxify(f)(eqx.combine(p, frozen), x)
+        return g(params, x), jax.grad(g, argnums=(0, 1))(params, x), jax.make_jaxpr(g)(params, x)
+
+    (y1, g1, jaxpr), (y2, g2, _) = run(fused), run(xla)
+    assert "custom_vjp_call" in str(jaxpr)
+    np.testing.assert_allclose(y1, y2, rtol=2e-2)
+    f32 = jnp.float32
+    for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        got, want = got.astype(f32), want.astype(f32)
+        np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
+
+
 def test_custom_vjp_under_remat_policy(getkey, monkeypatch, fresh_rules):
     """A block checkpointed with `remat_policy` gives the same gradients through the
     kernel's path."""
@@ -250,7 +276,12 @@ def test_kernel_lowers_for_cuda(variant, getkey, monkeypatch, fresh_rules, no_le
     assert not big, big
 
 
-GPU_VARIANTS = {"lora": {}, "dora": {"method": "dora"}, "int8": {"quant": "int8"}}
+GPU_VARIANTS = {
+    "lora": {},
+    "dora": {"method": "dora"},
+    "int8": {"quant": "int8"},
+    "transposed": {},  # `x @ w.T` in the model
+}
 
 
 @pytest.mark.skipif(not _mosaic._on_hopper(), reason="needs a Hopper GPU")
@@ -263,13 +294,19 @@ def test_kernel_on_a_hopper_gpu(variant, getkey, fresh_rules, no_leak_check):
     x = jr.normal(getkey(), (2048, 512), jnp.bfloat16)
     f32 = jnp.float32
 
+    def product(m, x):
+        return x @ m.weight.T if variant == "transposed" else jax.vmap(m)(x)
+
+    def objective(m, x):
+        return jnp.sum(jnp.sin(product(m, x).astype(f32)))
+
     def run(model):
         params, frozen = lora.partition(model)
-        f = jax.jit(lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x))
-        g = jax.jit(jax.grad(lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), (0, 1)))
-        y = jax.jit(
-            lambda p, x: quax.quaxify(lambda m, x: jax.vmap(m)(x))(eqx.combine(p, frozen), x)
+        f = jax.jit(lambda p, x: quax.quaxify(objective)(eqx.combine(p, frozen), x))
+        g = jax.jit(
+            jax.grad(lambda p, x: quax.quaxify(objective)(eqx.combine(p, frozen), x), (0, 1))
         )
+        y = jax.jit(lambda p, x: quax.quaxify(product)(eqx.combine(p, frozen), x))
         assert "mosaic_gpu" in f.lower(params, x).as_text() or model is xla
         return y(params, x), g(params, x)
 
