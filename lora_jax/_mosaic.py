@@ -38,9 +38,8 @@ def _on_hopper() -> bool:
         device = jax.devices()[0]
     except RuntimeError:
         return False
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith(
-        "9"
-    )
+    capability = str(getattr(device, "compute_capability", ""))
+    return device.platform == "gpu" and capability.startswith("9")
 
 
 def _sms() -> int:
