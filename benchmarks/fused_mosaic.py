@@ -41,7 +41,7 @@ from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout
 from lora_jax import _mosaic  # noqa: E402
-from lora_jax._mosaic import PAD, lora_matmul  # noqa: E402
+from lora_jax._mosaic import PAD, lora_matmul, reference_matmul  # noqa: E402
 
 
 S = 2.0  # the adapter's scaling
@@ -60,13 +60,6 @@ def fused_linear(x, w, a, b):
     """y = x·wᵀ + S·(x·bᵀ)·aᵀ, w frozen: lora_jax's `custom_vjp` layer, whose forward
     and input gradient are each one `lora_matmul`."""
     return _mosaic.fused_linear(x, lax.stop_gradient(w), a, b, jnp.float32(S))
-
-
-def reference_product(x, w, h, at, *, w_transposed):
-    """What the kernel computes, in plain JAX."""
-    f32 = jnp.float32
-    big = jnp.dot(x, w.T if w_transposed else w, preferred_element_type=f32)
-    return (big + jnp.dot(h, at, preferred_element_type=f32)).astype(x.dtype)
 
 
 def xla_linear(x, w, a, b):
@@ -97,7 +90,7 @@ def check():
     w = jr.normal(keys[1], (80, 48))
     a = jr.normal(keys[2], (80, 4))
     b = jr.normal(keys[3], (4, 48))
-    _mosaic.lora_matmul = reference_product  # the kernel, stated plainly
+    _mosaic.lora_matmul = reference_matmul  # the kernel, stated plainly
     fused = fused_linear
 
     def loss(linear):
@@ -136,7 +129,7 @@ def kernels(r=16):
         at = _pad_rows((jr.normal(keys[3], (r, n)) * 0.1).astype(jnp.bfloat16))
         name = f"{k}→{n}"
         t0, _ = bench(lambda x, w: x @ w.T, (x, w))
-        ref = reference_product(
+        ref = reference_matmul(
             x.astype(jnp.float32), w.astype(jnp.float32), h, at, w_transposed=True
         )
         t1, y = bench(lambda x, w, h, at: x @ w.T + h @ at, (x, w, h[:, :r], at[:r]))

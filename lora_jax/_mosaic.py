@@ -193,6 +193,14 @@ def _dense(w):
     return w.dequantise() if is_quantised(w) else w
 
 
+def reference_matmul(x, w, h, at, *, w_transposed, **_):
+    """What `lora_matmul` computes, in plain JAX (the tests' and benchmarks' stand-in
+    for the kernel where no Hopper GPU is attached)."""
+    f32 = jnp.float32
+    big = jnp.dot(x, w.T if w_transposed else w, preferred_element_type=f32)
+    return (big + jnp.dot(h, at, preferred_element_type=f32)).astype(x.dtype)
+
+
 def _pad_rows(m):
     return jnp.pad(m, ((0, PAD - m.shape[0]), (0, 0)))
 
@@ -216,7 +224,8 @@ def _backward(res, g):
     x, w, a, b, s, hs = res
     f32 = jnp.float32
     r = a.shape[1]
-    gs = (s * jnp.dot(g, _pad_rows(a.T).T, preferred_element_type=f32)).astype(g.dtype)
+    a_cols = jnp.pad(a, ((0, 0), (0, PAD - r)))
+    gs = (s * jnp.dot(g, a_cols, preferred_element_type=f32)).astype(g.dtype)
     gx = lora_matmul(g, _dense(w), gs, _pad_rows(b), w_transposed=False)
     ga = jnp.dot(g.T, hs[:, :r], preferred_element_type=f32).astype(a.dtype)
     gb = jnp.dot(gs[:, :r].T, x, preferred_element_type=f32).astype(b.dtype)

@@ -20,18 +20,19 @@ from lora_jax import _mosaic, _rules
 TOKENS, IN, OUT, RANK = 256, 128, 256, 8
 
 
-def plain_kernel(x, w, h, at, *, w_transposed, **_):
-    f32 = jnp.float32
-    big = jnp.dot(x, w.T if w_transposed else w, preferred_element_type=f32)
-    return (big + jnp.dot(h, at, preferred_element_type=f32)).astype(x.dtype)
-
-
 @pytest.fixture
 def fresh_rules(request):
     # The rules run under a cached jit: trace them afresh, and leave no trace of a
     # forced path behind for later tests.
     _rules._cached_dot.clear_cache()
     request.addfinalizer(_rules._cached_dot.clear_cache)
+
+
+@pytest.fixture
+def plain_kernel(monkeypatch, fresh_rules):
+    """The kernel's path taken as on a Hopper GPU, the kernel stated plainly."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    monkeypatch.setattr(_mosaic, "lora_matmul", _mosaic.reference_matmul)
 
 
 @pytest.fixture
@@ -70,18 +71,34 @@ def dense_loss(w, x):
     return jnp.sum(jnp.sin(x.astype(jnp.float32) @ w.T))
 
 
+def assert_matches_xlas_path(fused, xla, f, x):
+    """`f(model, x)` and its gradients (trained leaves and `x`) through the kernel's
+    path (`fused`, which must take it) equal those through XLA's (`xla`)."""
+
+    def run(model):
+        params, frozen = lora.partition(model)
+        g = lambda p, x: quax.quaxify(f)(eqx.combine(p, frozen), x)
+        return g(params, x), jax.grad(g, argnums=(0, 1))(params, x), jax.make_jaxpr(g)(params, x)
+
+    (y1, g1, jaxpr), (y2, g2, _) = run(fused), run(xla)
+    assert "custom_vjp_call" in str(jaxpr)
+    np.testing.assert_allclose(y1, y2, rtol=2e-2)
+    f32 = jnp.float32
+    for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        got, want = got.astype(f32), want.astype(f32)
+        np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
+
+
 def test_kernel_option_is_checked(getkey):
     with pytest.raises(ValueError, match="`kernel` must be one of 'xla', 'mosaic'"):
         lora.LoraArray(jnp.ones((4, 4)), rank=2, key=getkey(), kernel="triton")
 
 
 @pytest.mark.parametrize("lead", [(TOKENS,), (2, TOKENS // 2)], ids=["tokens", "batch-tokens"])
-def test_custom_vjp_matches_dense(lead, getkey, monkeypatch, fresh_rules):
+def test_custom_vjp_matches_dense(lead, getkey, plain_kernel):
     """The kernel's `custom_vjp`, the kernel stated plainly: forward, input gradient
     and factor gradients equal the dense reference's (float32 inputs through the
     bf16-style path would not take it, so bf16 with a bf16 tolerance)."""
-    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
-    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
     model = adapted(getkey())
     x = jr.normal(getkey(), (*lead, IN), jnp.bfloat16)
     jaxpr = str(jax.make_jaxpr(quax.quaxify(loss))(model, x))
@@ -112,11 +129,9 @@ def test_custom_vjp_matches_dense(lead, getkey, monkeypatch, fresh_rules):
     assert grads[0].weight._w is None  # the base weight stays frozen
 
 
-def test_transposed_adapter_matches_xlas_path(getkey, monkeypatch, fresh_rules):
+def test_transposed_adapter_matches_xlas_path(getkey, plain_kernel):
     """`x @ w.T` on an adapted weight (a transposed adapter) takes the kernel too, and
     gives XLA's path's output and gradients."""
-    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
-    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
     key = getkey()
     fused, xla = (adapted(key, kernel=k) for k in ("mosaic", "xla"))
     x = jr.normal(getkey(), (2, TOKENS // 2, IN), jnp.bfloat16)
@@ -124,25 +139,12 @@ def test_transposed_adapter_matches_xlas_path(getkey, monkeypatch, fresh_rules):
     def f(m, x):
         return jnp.sum(jnp.sin((x @ m.weight.T).astype(jnp.float32)))
 
-    def run(model):
-        params, frozen = lora.partition(model)
-        g = lambda p, x: quax.quaxify(f)(eqx.combine(p, frozen), x)
-        return g(params, x), jax.grad(g, argnums=(0, 1))(params, x), jax.make_jaxpr(g)(params, x)
-
-    (y1, g1, jaxpr), (y2, g2, _) = run(fused), run(xla)
-    assert "custom_vjp_call" in str(jaxpr)
-    np.testing.assert_allclose(y1, y2, rtol=2e-2)
-    f32 = jnp.float32
-    for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        got, want = got.astype(f32), want.astype(f32)
-        np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
+    assert_matches_xlas_path(fused, xla, f, x)
 
 
-def test_custom_vjp_under_remat_policy(getkey, monkeypatch, fresh_rules):
+def test_custom_vjp_under_remat_policy(getkey, plain_kernel):
     """A block checkpointed with `remat_policy` gives the same gradients through the
     kernel's path."""
-    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
-    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
     model = adapted(getkey())
     x = jr.normal(getkey(), (TOKENS, IN), jnp.bfloat16)
     params, frozen = lora.partition(model)
@@ -157,12 +159,10 @@ def test_custom_vjp_under_remat_policy(getkey, monkeypatch, fresh_rules):
 
 
 @pytest.mark.parametrize("lead", [(TOKENS,), (2, TOKENS // 2)], ids=["tokens", "batch-tokens"])
-def test_dora_matches_xlas_path(lead, getkey, monkeypatch, fresh_rules):
+def test_dora_matches_xlas_path(lead, getkey, plain_kernel):
     """DoRA with `kernel="mosaic"`: the kernel computes `w·x + s·a·(b·x)` and the
     magnitudes scale it; output and gradients (the magnitudes' included) equal XLA's
     path's, as a product with the matrix on either side."""
-    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
-    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
     key = getkey()
     fused, xla = (adapted(key, method="dora", kernel=k) for k in ("mosaic", "xla"))
     # Magnitudes away from the norms, so that they count.
@@ -172,48 +172,24 @@ def test_dora_matches_xlas_path(lead, getkey, monkeypatch, fresh_rules):
     )
     x = jr.normal(getkey(), (*lead, IN), jnp.bfloat16)
 
-    def run(model, f):
-        params, frozen = lora.partition(model)
-        g = lambda p, x: quax.quaxify(f)(eqx.combine(p, frozen), x)
-        return g(params, x), jax.grad(g, argnums=(0, 1))(params, x), jax.make_jaxpr(g)(params, x)
-
     def right(m, x):  # the matrix on the right: `dot_general(x, w)`
         y = jnp.einsum("...i,oi->...o", x, m.weight)
         return jnp.sum(jnp.sin(y.astype(jnp.float32)))
 
     for f in (loss, right):
-        (y1, g1, jaxpr), (y2, g2, _) = run(fused, f), run(xla, f)
-        assert "custom_vjp_call" in str(jaxpr)
-        np.testing.assert_allclose(y1, y2, rtol=2e-2)
-        f32 = jnp.float32
-        for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-            got, want = got.astype(f32), want.astype(f32)
-            np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
+        assert_matches_xlas_path(fused, xla, f, x)
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
-def test_quantised_base_matches_xlas_path(quant, getkey, monkeypatch, fresh_rules, capsys):
+def test_quantised_base_matches_xlas_path(quant, getkey, plain_kernel, capsys):
     """On a quantised base the kernel's path (the weight dequantised in the step for
     each call) gives XLA's path's output and gradients, and keeps only the quantised
     arrays between the forward and the backward."""
-    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
-    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
     key = getkey()
     fused, xla = (adapted(key, quant=quant, kernel=k) for k in ("mosaic", "xla"))
     x = jr.normal(getkey(), (2 * TOKENS, IN), jnp.bfloat16)  # not of the weight's shape
 
-    def run(model):
-        params, frozen = lora.partition(model)
-        f = lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x)
-        return f(params, x), jax.grad(f, argnums=(0, 1))(params, x), jax.make_jaxpr(f)(params, x)
-
-    (y1, g1, jaxpr), (y2, g2, _) = run(fused), run(xla)
-    assert "custom_vjp_call" in str(jaxpr)
-    f32 = jnp.float32
-    np.testing.assert_allclose(y1, y2, rtol=2e-2)
-    for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        got, want = got.astype(f32), want.astype(f32)
-        np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
+    assert_matches_xlas_path(fused, xla, loss, x)
     # What the backward keeps of the weight: the quantised arrays, not a dense copy.
     params, frozen = lora.partition(fused)
     capsys.readouterr()
@@ -233,7 +209,7 @@ def test_quantised_base_matches_xlas_path(quant, getkey, monkeypatch, fresh_rule
 def test_other_products_take_xlas_path(case, getkey, monkeypatch, fresh_rules):
     """Where the kernel does not apply the product is XLA's, whatever `kernel` says."""
     monkeypatch.setattr(_mosaic, "_on_hopper", lambda: case != "cpu")
-    monkeypatch.setattr(_mosaic, "lora_matmul", plain_kernel)
+    monkeypatch.setattr(_mosaic, "lora_matmul", _mosaic.reference_matmul)
     model = adapted(
         getkey(),
         dtype=jnp.float32 if case == "float32" else jnp.bfloat16,
