@@ -12,13 +12,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = ["lora", "dora", "lokr-default", "qlora-nf4", "lora-remat", "lora-mosaic", "quax", "full"]
 
 
-def run_script(name, *args, leak_check=True):
+def run_script(name, *args):
     """`python benchmarks/<name> args` on the CPU, one device as a user's run; the
     completed process (its exit status checked)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    if not leak_check:
-        env.pop("JAX_CHECK_TRACER_LEAKS", None)
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / name), *args],
         cwd=ROOT,
@@ -63,8 +61,6 @@ def test_fused_kernel_check():
 def test_fused_mosaic_check():
     """The Mosaic GPU kernel still lowers for CUDA (no GPU needed), and its custom_vjp
     layer equals the dense LoRA layer (the script exits non-zero otherwise)."""
-    # Under the leak checker (conftest turns it on) tracing the kernel body fails with
-    # a concretisation error; without it the kernel lowers, and runs right on an H100.
-    run = run_script("fused_mosaic.py", "--check", leak_check=False)
+    run = run_script("fused_mosaic.py", "--check")  # under the tracer-leak checker
     assert run.stdout.count("lowered for CUDA") == 2, run.stdout
     assert "gradients (x, a, b), custom_vjp against dense" in run.stdout

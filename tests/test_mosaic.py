@@ -35,14 +35,6 @@ def plain_kernel(monkeypatch, fresh_rules):
     monkeypatch.setattr(_mosaic, "lora_matmul", _mosaic.reference_matmul)
 
 
-@pytest.fixture
-def no_leak_check():
-    # Under the leak checker (conftest turns it on) Mosaic's tracing of the kernel
-    # body fails with a concretisation error.
-    with jax.check_tracer_leaks(False):
-        yield
-
-
 def adapted(
     key, dtype=jnp.bfloat16, kernel="mosaic", out=OUT, inp=IN, rank=RANK, quant=None, **options
 ):
@@ -227,7 +219,7 @@ def test_other_products_take_xlas_path(case, getkey, monkeypatch, fresh_rules):
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "int8", "nf4"])
-def test_kernel_lowers_for_cuda(variant, getkey, monkeypatch, fresh_rules, no_leak_check):
+def test_kernel_lowers_for_cuda(variant, getkey, monkeypatch, fresh_rules):
     """Lowered for CUDA (no GPU needed), a training step's forward and input gradient
     are each one Mosaic GPU kernel, and no activation-sized product is left besides."""
     monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
@@ -262,7 +254,7 @@ GPU_VARIANTS = {
 
 @pytest.mark.skipif(not _mosaic._on_hopper(), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("variant", GPU_VARIANTS)
-def test_kernel_on_a_hopper_gpu(variant, getkey, fresh_rules, no_leak_check):
+def test_kernel_on_a_hopper_gpu(variant, getkey, fresh_rules):
     """The real kernel: forward and gradients equal XLA's path within bf16 rounding."""
     key, options = getkey(), GPU_VARIANTS[variant]
     model = adapted(key, out=1024, inp=512, rank=16, **options)
