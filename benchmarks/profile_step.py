@@ -51,7 +51,7 @@ KINDS = (
     "elementwise / reduction",
     "memset / memcpy",
 )
-ROWS = ("lora", "lora-mosaic", "dora", "lokr", "loha", "lokr-default")
+ROWS = ("lora", "lora-mosaic", "dora", "dora-mosaic", "lokr", "loha", "lokr-default")
 
 
 def kind(name: str) -> str:
@@ -85,11 +85,15 @@ def build(preset: str, rows):
         )
         label = f"{method} (rank {rank})" + (" default split" if row == "lokr-default" else "")
         out[row] = (label, step.jax_adapter_step(adapted, x, opt, lora.partition))
-    if "lora-mosaic" in rows:  # the fused kernel (a Hopper GPU; elsewhere XLA's path)
+    for method in ("lora", "dora"):  # the fused kernel (a Hopper GPU; else XLA's path)
+        if f"{method}-mosaic" not in rows:
+            continue
         r = cfg["rank"]
-        adapted = lora.loraify(model, rank=r, alpha=2.0 * r, key=keys[-2], kernel="mosaic")
-        label = f"lora (rank {r}), kernel='mosaic'"
-        out["lora-mosaic"] = (label, step.jax_adapter_step(adapted, x, opt, lora.partition))
+        adapted = lora.loraify(
+            model, rank=r, alpha=2.0 * r, method=method, key=keys[-2], kernel="mosaic"
+        )
+        label = f"{method} (rank {r}), kernel='mosaic'"
+        out[f"{method}-mosaic"] = (label, step.jax_adapter_step(adapted, x, opt, lora.partition))
     return out
 
 

@@ -183,10 +183,39 @@ def lora_matmul(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    # JAX's warp-specialised pipeline keeps a tracer of its own between traces, which
-    # the tracer-leak checker reports as a leak: the kernel is traced without it.
-    with jax.check_tracer_leaks(False):
-        return kernel(x, w, h, at)
+
+    def run(x, w, h, at):
+        # JAX's warp-specialised pipeline keeps a tracer of its own between traces,
+        # which the tracer-leak checker reports as a leak: traced without it.
+        with jax.check_tracer_leaks(False):
+            return kernel(x, w, h, at)
+
+    return one_matrix_at_a_time(run)(x, w, h, at)
+
+
+def one_matrix_at_a_time(matmul):
+    """`matmul(x, w, h, at)` on 2-D operands, made safe to `jax.vmap`: JAX would batch
+    a Mosaic kernel's body, which gives wrong results for its copies and wgmmas. A
+    batch of inputs against one matrix becomes one call over all their rows, and a
+    batch of matrices (an ensemble of models) a loop of calls."""
+
+    @jax.custom_batching.custom_vmap
+    def call(x, w, h, at):
+        return matmul(x, w, h, at)
+
+    @call.def_vmap
+    def _(size, batched, x, w, h, at):
+        def spread(v, b):
+            return v if b else jnp.broadcast_to(v, (size, *v.shape))
+
+        if not (batched[1] or batched[3]):
+            x, h = spread(x, batched[0]), spread(h, batched[2])
+            y = call(x.reshape(-1, x.shape[-1]), w, h.reshape(-1, h.shape[-1]), at)
+            return y.reshape(*x.shape[:2], -1), True
+        args = [spread(v, b) for v, b in zip((x, w, h, at), batched)]
+        return lax.map(lambda vs: call(*vs), args), True
+
+    return call
 
 
 def _dense(w):

@@ -194,6 +194,71 @@ def test_quantised_base_matches_xlas_path(quant, getkey, plain_kernel, capsys):
     assert all(line.startswith(("i8", "u8")) for line in dense), saved
 
 
+def ensemble(kernel, key, size=2):
+    """`size` adapted layers stacked on a leading axis, as `jax.vmap` takes them."""
+    return eqx.filter_vmap(lambda k: adapted(k, kernel=kernel))(jr.split(key, size))
+
+
+def ensemble_loss(params, frozen, x):
+    """The summed loss of an ensemble, each model on its own inputs: `jax.vmap` outside
+    `quax.quaxify`, so the kernel's operands are batched."""
+
+    def one(p, frozen, x):
+        return quax.quaxify(loss)(eqx.combine(p, frozen), x)
+
+    return jnp.sum(jax.vmap(one)(params, frozen, x))
+
+
+@pytest.mark.parametrize("batched", ["models", "inputs"])
+def test_kernel_under_vmap_takes_one_matrix_at_a_time(batched, getkey, monkeypatch, fresh_rules):
+    """Under `jax.vmap` the kernel is called on 2-D operands only (JAX would batch its
+    body, which is wrong): an ensemble of models loops over its matrices, a batch of
+    inputs against one model is one call over all their rows. Output and gradients
+    equal XLA's path's."""
+    shapes = []
+
+    def plain(x, w, h, at, *, w_transposed, **_):
+        def matmul(x, w, h, at):
+            shapes.append((x.shape, w.shape))
+            return _mosaic.reference_matmul(x, w, h, at, w_transposed=w_transposed)
+
+        return _mosaic.one_matrix_at_a_time(matmul)(x, w, h, at)
+
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    monkeypatch.setattr(_mosaic, "lora_matmul", plain)
+    key, x = getkey(), jr.normal(getkey(), (2, TOKENS, IN), jnp.bfloat16)
+    results = []
+    for kernel in ("mosaic", "xla"):
+        if batched == "models":
+            params, frozen = lora.partition(ensemble(kernel, key))
+            f = ensemble_loss
+        else:
+            params, frozen = lora.partition(adapted(key, kernel=kernel))
+            f = lambda p, fz, x: jnp.sum(  # noqa: E731
+                jax.vmap(lambda x: quax.quaxify(loss)(eqx.combine(p, fz), x))(x)
+            )
+        results.append(jax.jit(jax.value_and_grad(f, argnums=(0, 2)))(params, frozen, x))
+    assert shapes and all(len(xs) == len(ws) == 2 for xs, ws in shapes), shapes
+    # (the rule also traces the function once on an unbatched slice)
+    assert max(xs[0] for xs, _ in shapes) == (2 * TOKENS if batched == "inputs" else TOKENS)
+    for got, want in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+        np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
+
+
+def test_kernel_under_vmap_lowers_to_2d_calls(getkey, monkeypatch, fresh_rules):
+    """Lowered for CUDA, an ensemble's step calls the kernel with 2-D operands."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    params, frozen = lora.partition(ensemble("mosaic", getkey()))
+    x = jnp.ones((2, TOKENS, IN), jnp.bfloat16)
+    step = jax.jit(jax.grad(ensemble_loss, argnums=(0, 2)))
+    text = step.trace(params, frozen, x).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert len(calls) == 2, calls
+    operands = [line.rsplit(": (", 1)[-1].split(")")[0] for line in calls]
+    assert all(t.count("x") == 2 * t.count("tensor") for t in operands), operands
+
+
 @pytest.mark.parametrize(
     "case",
     ["xla", "float32", "rows", "rank", "dropout", "cpu", "trained-base"],
@@ -246,6 +311,7 @@ def test_kernel_lowers_for_cuda(variant, getkey, monkeypatch, fresh_rules):
 
 GPU_VARIANTS = {
     "lora": {},
+    "ensemble": {},  # `jax.vmap` over two models
     "dora": {"method": "dora"},
     "int8": {"quant": "int8"},
     "transposed": {},  # `x @ w.T` in the model
@@ -257,24 +323,32 @@ GPU_VARIANTS = {
 def test_kernel_on_a_hopper_gpu(variant, getkey, fresh_rules):
     """The real kernel: forward and gradients equal XLA's path within bf16 rounding."""
     key, options = getkey(), GPU_VARIANTS[variant]
-    model = adapted(key, out=1024, inp=512, rank=16, **options)
-    xla = adapted(key, out=1024, inp=512, rank=16, kernel="xla", **options)
-    x = jr.normal(getkey(), (2048, 512), jnp.bfloat16)
+    size = 2 if variant == "ensemble" else None  # models stacked, `jax.vmap` over them
+
+    def make(kernel):
+        build = lambda k: adapted(k, out=1024, inp=512, rank=16, kernel=kernel, **options)  # noqa: E731
+        return build(key) if size is None else eqx.filter_vmap(build)(jr.split(key, size))
+
+    model, xla = make("mosaic"), make("xla")
+    x = jr.normal(getkey(), (2048, 512) if size is None else (size, 2048, 512), jnp.bfloat16)
     f32 = jnp.float32
 
-    def product(m, x):
+    def one(m, x):
         return x @ m.weight.T if variant == "transposed" else jax.vmap(m)(x)
+
+    def product(m, x):
+        if size is None:
+            return quax.quaxify(one)(m, x)
+        return jax.vmap(quax.quaxify(one))(m, x)  # outside quaxify: the kernel is batched
 
     def objective(m, x):
         return jnp.sum(jnp.sin(product(m, x).astype(f32)))
 
     def run(model):
         params, frozen = lora.partition(model)
-        f = jax.jit(lambda p, x: quax.quaxify(objective)(eqx.combine(p, frozen), x))
-        g = jax.jit(
-            jax.grad(lambda p, x: quax.quaxify(objective)(eqx.combine(p, frozen), x), (0, 1))
-        )
-        y = jax.jit(lambda p, x: quax.quaxify(product)(eqx.combine(p, frozen), x))
+        f = jax.jit(lambda p, x: objective(eqx.combine(p, frozen), x))
+        g = jax.jit(jax.grad(lambda p, x: objective(eqx.combine(p, frozen), x), (0, 1)))
+        y = jax.jit(lambda p, x: product(eqx.combine(p, frozen), x))
         assert "mosaic_gpu" in f.lower(params, x).as_text() or model is xla
         return y(params, x), g(params, x)
 
