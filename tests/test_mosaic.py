@@ -38,14 +38,19 @@ def plain_kernel(monkeypatch, fresh_rules):
 def adapted(
     key, dtype=jnp.bfloat16, kernel="mosaic", out=OUT, inp=IN, rank=RANK, quant=None, **options
 ):
-    k1, k2, k3 = jr.split(key, 3)
+    k1, k2, k3, k4 = jr.split(key, 4)
     lin = eqx.nn.Linear(inp, out, use_bias=False, key=k1, dtype=dtype)
     if quant is not None:
         lin = lora.quantise(lin, method=quant)
     lin = lora.loraify(lin, rank=rank, key=k2, kernel=kernel, **options)
-    # a nonzero (the default initialisation leaves it zero) so the term counts
+    # Both factors nonzero (the default initialisation leaves b zero), so the low-rank
+    # term and every factor gradient count.
     a = jr.normal(k3, lin.weight.a.shape, jnp.float32) * 0.5
-    return eqx.tree_at(lambda m: m.weight.a, lin, a.astype(lin.weight.a.dtype))
+    b = jr.normal(k4, lin.weight.b.shape, jnp.float32) / inp**0.5
+    v = lin.weight
+    return eqx.tree_at(
+        lambda m: (m.weight.a, m.weight.b), lin, (a.astype(v.a.dtype), b.astype(v.b.dtype))
+    )
 
 
 def dense(model):
