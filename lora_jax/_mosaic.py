@@ -72,7 +72,26 @@ def lora_matmul(
     sms: int | None = None,
 ):
     """`x·wᵀ + h·at` (`w_transposed`: w is `(n, k)`) or `x·w + h·at` (w is `(k, n)`),
-    in x's dtype with float32 accumulation; x `(m, k)`, h `(m, PAD)`, at `(PAD, n)`."""
+    in x's dtype with float32 accumulation; x `(m, k)`, h `(m, PAD)`, at `(PAD, n)`.
+
+    Safe to `jax.vmap` (`one_matrix_at_a_time`), and split over devices by rows and
+    output columns where `jax.jit`'s shardings ask for it (`split_over_devices`)."""
+    m, k = x.shape
+    n = w.shape[0] if w_transposed else w.shape[1]
+    if not _tiles(m, n, k, tile_m, tile_n, tile_k) or h.shape != (m, PAD) or at.shape != (PAD, n):
+        raise ValueError(f"shapes x{x.shape} w{w.shape} h{h.shape} at{at.shape} do not tile")
+    config = dict(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, stages=stages, sms=sms)
+    run = functools.partial(_kernel, w_transposed=w_transposed, **config)
+    fits = functools.partial(_tiles, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k)
+    return one_matrix_at_a_time(split_over_devices(run, fits, w_transposed))(x, w, h, at)
+
+
+def _tiles(m, n, k, tile_m, tile_n, tile_k) -> bool:
+    return not (m % (2 * tile_m) or n % tile_n or k % tile_k)
+
+
+def _kernel(x, w, h, at, *, w_transposed, tile_m, tile_n, tile_k, stages, sms):
+    """The Mosaic GPU kernel for these operands' shapes, called on them."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -80,8 +99,6 @@ def lora_matmul(
     n = w.shape[0] if w_transposed else w.shape[1]
     dtype = x.dtype
     block_m, epi = 2 * tile_m, 64
-    if m % block_m or n % tile_n or k % tile_k or h.shape != (m, PAD) or at.shape != (PAD, n):
-        raise ValueError(f"shapes x{x.shape} w{w.shape} h{h.shape} at{at.shape} do not tile")
     m_blocks, n_blocks, k_steps = m // block_m, n // tile_n, k // tile_k
     w_block = (tile_n, tile_k) if w_transposed else (tile_k, tile_n)
     w_index = (lambda kk: (0, kk)) if w_transposed else (lambda kk: (kk, 0))
@@ -183,14 +200,75 @@ def lora_matmul(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
+    # JAX's warp-specialised pipeline keeps a tracer of its own between traces, which
+    # the tracer-leak checker reports as a leak: traced without it.
+    with jax.check_tracer_leaks(False):
+        return kernel(x, w, h, at)
 
-    def run(x, w, h, at):
-        # JAX's warp-specialised pipeline keeps a tracer of its own between traces,
-        # which the tracer-leak checker reports as a leak: traced without it.
-        with jax.check_tracer_leaks(False):
-            return kernel(x, w, h, at)
 
-    return one_matrix_at_a_time(run)(x, w, h, at)
+def split_over_devices(matmul, fits, w_transposed: bool):
+    """`matmul(x, w, h, at)` made splittable by XLA's sharding propagation (a custom
+    call is otherwise run whole on every device, its sharded inputs gathered). Rows
+    (x's and h's first axis), output columns (w's and at's) and the contraction may be
+    sharded: each device runs `matmul` on its blocks, or the plain product where they
+    do not tile (`fits(m, n, k)`); over a sharded contraction the low-rank term is
+    added on its first shard only and the partial products summed."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    @custom_partitioning
+    def call(x, w, h, at):
+        return matmul(x, w, h, at)
+
+    def specs(rows, cols, inner):
+        """(x, w, h, at), out."""
+        w_spec = P(cols, inner) if w_transposed else P(inner, cols)
+        return (P(rows, inner), w_spec, P(rows, None), P(None, cols)), P(rows, cols)
+
+    def axes(entry):
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+    def partition(mesh, arg_shapes, result_shape):
+        x, out = arg_shapes[0].sharding, result_shape.sharding
+        if isinstance(x, NamedSharding) and isinstance(out, NamedSharding):
+            rows, cols = (*out.spec, None, None)[:2]
+            inner = (*x.spec, None, None)[1]
+        else:  # shardings XLA gives without a mesh: run it whole
+            rows = cols = inner = None
+        ins, out = specs(rows, cols, inner)
+        summed = axes(inner)
+
+        def local(x, w, h, at):
+            if summed:
+                first = functools.reduce(jnp.logical_and, [lax.axis_index(a) == 0 for a in summed])
+                h = jnp.where(first, h, jnp.zeros_like(h))
+            (m, k), n = x.shape, at.shape[1]
+            if fits(m, n, k):
+                y = matmul(x, w, h, at)
+            else:
+                y = reference_matmul(x, w, h, at, w_transposed=w_transposed)
+            return lax.psum(y, summed) if summed else y
+
+        named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+        return mesh, local, named(out), tuple(named(spec) for spec in ins)
+
+    def infer(mesh, arg_shapes, result_shape):  # the GSPMD partitioner's question
+        x, w = (arg.sharding for arg in arg_shapes[:2])
+        if not (isinstance(x, NamedSharding) and isinstance(w, NamedSharding)):
+            return None
+        rows = (*x.spec, None)[0]
+        cols = (*w.spec, None, None)[0 if w_transposed else 1]
+        return NamedSharding(mesh, specs(rows, cols, None)[1])
+
+    w_factors = "n k" if w_transposed else "k n"
+    call.def_partition(
+        partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=f"m k, {w_factors}, m p, p n -> m n",
+        reduction_factors=("k",),
+        need_replication_factors=("p",),
+    )
+    return call
 
 
 def one_matrix_at_a_time(matmul):
@@ -267,6 +345,20 @@ def _backward(res, g):
 fused_linear.defvjp(_forward, _backward)
 
 
+def _explicitly_sharded(*values) -> bool:
+    """Whether any array here is sharded over an explicit mesh axis (sharding in
+    types, where each product must say how its result is sharded): XLA's path does,
+    the kernel's does not."""
+    for v in jax.tree.leaves(values):
+        sharding = jax.typeof(v).sharding
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty or not mesh.explicit_axes:
+            continue
+        if any(entry is not None for entry in sharding.spec):
+            return True
+    return False
+
+
 def product(w, a, b, scaling, other, dims: Dims, params, rate: float):
     """The adapted product `dot_general(w + s·a@b, other)` by the kernel, in
     `dot_general`'s layout, or `None` where the kernel does not apply."""
@@ -275,6 +367,8 @@ def product(w, a, b, scaling, other, dims: Dims, params, rate: float):
     if not all(isinstance(v, jax.Array) for v in (a, b, other)):
         return None
     if not (isinstance(w, jax.Array) or is_quantised(w)):
+        return None
+    if _explicitly_sharded(w, a, b, other):
         return None
     dtype = w.dtype
     if dtype not in (jnp.bfloat16, jnp.float16) or {a.dtype, b.dtype, other.dtype} != {dtype}:

@@ -214,23 +214,42 @@ def ensemble_loss(params, frozen, x):
     return jnp.sum(jax.vmap(one)(params, frozen, x))
 
 
+def test_kernel_under_vmap_lowers_to_2d_calls(getkey, monkeypatch, fresh_rules):
+    """Lowered for CUDA, an ensemble's step calls the kernel with 2-D operands."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    params, frozen = lora.partition(ensemble("mosaic", getkey()))
+    x = jnp.ones((2, TOKENS, IN), jnp.bfloat16)
+    step = jax.jit(jax.grad(ensemble_loss, argnums=(0, 2)))
+    text = step.trace(params, frozen, x).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert len(calls) == 2, calls
+    operands = [line.rsplit(": (", 1)[-1].split(")")[0] for line in calls]
+    assert all(t.count("x") == 2 * t.count("tensor") for t in operands), operands
+
+
+@pytest.fixture
+def recorded_kernel(monkeypatch, fresh_rules):
+    """The kernel's path taken as on a Hopper GPU, with everything around the kernel
+    (its `vmap` and sharding rules) but the kernel itself stated plainly; the shapes
+    it was called with are recorded."""
+    shapes = []
+
+    def kernel(x, w, h, at, *, w_transposed, **_):
+        shapes.append((x.shape, w.shape))
+        return _mosaic.reference_matmul(x, w, h, at, w_transposed=w_transposed)
+
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    monkeypatch.setattr(_mosaic, "_kernel", kernel)
+    return shapes
+
+
 @pytest.mark.parametrize("batched", ["models", "inputs"])
-def test_kernel_under_vmap_takes_one_matrix_at_a_time(batched, getkey, monkeypatch, fresh_rules):
+def test_kernel_under_vmap_takes_one_matrix_at_a_time(batched, getkey, recorded_kernel):
     """Under `jax.vmap` the kernel is called on 2-D operands only (JAX would batch its
     body, which is wrong): an ensemble of models loops over its matrices, a batch of
     inputs against one model is one call over all their rows. Output and gradients
     equal XLA's path's."""
-    shapes = []
-
-    def plain(x, w, h, at, *, w_transposed, **_):
-        def matmul(x, w, h, at):
-            shapes.append((x.shape, w.shape))
-            return _mosaic.reference_matmul(x, w, h, at, w_transposed=w_transposed)
-
-        return _mosaic.one_matrix_at_a_time(matmul)(x, w, h, at)
-
-    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
-    monkeypatch.setattr(_mosaic, "lora_matmul", plain)
+    shapes = recorded_kernel
     key, x = getkey(), jr.normal(getkey(), (2, TOKENS, IN), jnp.bfloat16)
     results = []
     for kernel in ("mosaic", "xla"):
@@ -251,17 +270,52 @@ def test_kernel_under_vmap_takes_one_matrix_at_a_time(batched, getkey, monkeypat
         np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
 
 
-def test_kernel_under_vmap_lowers_to_2d_calls(getkey, monkeypatch, fresh_rules):
-    """Lowered for CUDA, an ensemble's step calls the kernel with 2-D operands."""
-    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
-    params, frozen = lora.partition(ensemble("mosaic", getkey()))
-    x = jnp.ones((2, TOKENS, IN), jnp.bfloat16)
-    step = jax.jit(jax.grad(ensemble_loss, argnums=(0, 2)))
-    text = step.trace(params, frozen, x).lower(lowering_platforms=("cuda",)).as_text()
-    calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
-    assert len(calls) == 2, calls
-    operands = [line.rsplit(": (", 1)[-1].split(")")[0] for line in calls]
-    assert all(t.count("x") == 2 * t.count("tensor") for t in operands), operands
+@pytest.mark.parametrize("split", ["rows", "columns"])
+def test_kernel_splits_over_devices(split, getkey, recorded_kernel):
+    """Under `jax.jit` with sharded inputs the kernel is split, not gathered: data
+    parallel (rows over 2 devices), and a column-parallel weight (over 4), whose input
+    gradient contracts over the sharded axis and sums the devices' partial products.
+    Each device calls the kernel on its own blocks where they tile; the step has no
+    all-gather, and equals XLA's path's."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    put = lambda v, *spec: jax.device_put(v, NamedSharding(mesh, P(*spec)))  # noqa: E731
+    key, x = getkey(), jr.normal(getkey(), (2 * TOKENS, IN), jnp.bfloat16)
+    x = put(x, "data", None)
+    results = []
+    for kernel in ("mosaic", "xla"):
+        params, frozen = lora.partition(adapted(key, kernel=kernel))
+        if split == "columns":
+            weight = put(frozen.weight._w, "tensor", None)
+            frozen = eqx.tree_at(lambda m: m.weight._w, frozen, weight)
+            params = eqx.tree_at(lambda m: m.weight.a, params, put(params.weight.a, "tensor"))
+        step = jax.jit(
+            jax.value_and_grad(
+                lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), argnums=(0, 1)
+            )
+        )
+        assert "all-gather" not in step.lower(params, x).compile().as_text()
+        results.append(step(params, x))
+    local = {(TOKENS, IN)} if split == "rows" else {(TOKENS, OUT // 4)}  # x's blocks
+    assert local <= {xs for xs, _ in recorded_kernel}, recorded_kernel
+    for got, want in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+        np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
+
+
+def test_explicitly_sharded_products_take_xlas_path(getkey, recorded_kernel):
+    """On a mesh with explicit axes (sharding in types) every product must say how its
+    result is sharded, which XLA's path does: a sharded input takes it."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
+    model = adapted(getkey())
+    x = jnp.ones((2 * TOKENS, IN), jnp.bfloat16)
+    f = quax.quaxify(loss)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(f)(model, x))  # unsharded: the kernel
+    x = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(f)(model, x))
 
 
 @pytest.mark.parametrize(
@@ -364,3 +418,36 @@ def test_kernel_on_a_hopper_gpu(variant, getkey, fresh_rules):
     for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         got, want = got.astype(f32), want.astype(f32)
         np.testing.assert_allclose(got, want, atol=2e-2 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.skipif(
+    not (_mosaic._on_hopper() and jax.device_count() >= 2), reason="needs two Hopper GPUs"
+)
+@pytest.mark.parametrize("split", ["rows", "columns"])
+def test_kernel_split_over_hopper_gpus(split, getkey, fresh_rules):
+    """The real kernel split over two GPUs (data parallel, or a column-parallel weight):
+    each GPU runs it on its blocks, nothing is gathered, and the step equals XLA's."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((2,), ("d",), axis_types=(AxisType.Auto,))
+    put = lambda v, *spec: jax.device_put(v, NamedSharding(mesh, P(*spec)))  # noqa: E731
+    key, x = getkey(), jr.normal(getkey(), (4096, 512), jnp.bfloat16)
+    x = put(x, "d", None) if split == "rows" else put(x)
+    results = []
+    for kernel in ("mosaic", "xla"):
+        params, frozen = lora.partition(adapted(key, out=1024, inp=512, rank=16, kernel=kernel))
+        if split == "columns":
+            frozen = eqx.tree_at(lambda m: m.weight._w, frozen, put(frozen.weight._w, "d", None))
+            params = eqx.tree_at(lambda m: m.weight.a, params, put(params.weight.a, "d"))
+        step = jax.jit(
+            jax.value_and_grad(
+                lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), argnums=(0, 1)
+            )
+        )
+        text = step.lower(params, x).compile().as_text()
+        assert "all-gather" not in text
+        assert ("mosaic_gpu" in text) == (kernel == "mosaic")
+        results.append(step(params, x))
+    for got, want in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+        np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
