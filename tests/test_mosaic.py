@@ -270,6 +270,12 @@ def test_kernel_under_vmap_takes_one_matrix_at_a_time(batched, getkey, recorded_
         np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
 
 
+EIGHT_DEVICES = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices (conftest simulates 8 CPUs)"
+)
+
+
+@EIGHT_DEVICES
 @pytest.mark.parametrize("split", ["rows", "columns"])
 def test_kernel_splits_over_devices(split, getkey, recorded_kernel):
     """Under `jax.jit` with sharded inputs the kernel is split, not gathered: data
@@ -304,6 +310,7 @@ def test_kernel_splits_over_devices(split, getkey, recorded_kernel):
         np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
 
 
+@EIGHT_DEVICES
 def test_explicitly_sharded_products_take_xlas_path(getkey, recorded_kernel):
     """On a mesh with explicit axes (sharding in types) every product must say how its
     result is sharded, which XLA's path does: a sharded input takes it."""
