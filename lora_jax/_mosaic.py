@@ -14,7 +14,8 @@ applies (`product` returns `None` otherwise and the caller takes XLA's path): th
 default backend a Hopper GPU, a 2-D bf16/f16 weight (or a quantised one, dequantised
 in the step for each call) with factors and input of its dtype, rank at most 64, the
 product a plain `x·wᵀ` over the input's last axis, and shapes that tile (rows a
-multiple of 256, `out` of 128, `in` of 64).
+multiple of 256, `out` of 128, `in` of 64). The kernel has its own `vmap` rule
+(`one_matrix_at_a_time`) and sharding rule (`split_over_devices`).
 """
 
 import functools
