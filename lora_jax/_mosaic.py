@@ -75,8 +75,9 @@ def lora_matmul(
     """`x·wᵀ + h·at` (`w_transposed`: w is `(n, k)`) or `x·w + h·at` (w is `(k, n)`),
     in x's dtype with float32 accumulation; x `(m, k)`, h `(m, PAD)`, at `(PAD, n)`.
 
-    Safe to `jax.vmap` (`one_matrix_at_a_time`), and split over devices by rows and
-    output columns where `jax.jit`'s shardings ask for it (`split_over_devices`)."""
+    Safe to `jax.vmap` (`one_matrix_at_a_time`), and split over devices by rows,
+    output columns or the contraction where `jax.jit`'s shardings ask for it
+    (`split_over_devices`)."""
     m, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
     if not _tiles(m, n, k, tile_m, tile_n, tile_k) or h.shape != (m, PAD) or at.shape != (PAD, n):
