@@ -245,8 +245,8 @@ def recorded_kernel(monkeypatch, fresh_rules):
 
 @pytest.mark.parametrize("batched", ["models", "inputs"])
 def test_kernel_under_vmap_takes_one_matrix_at_a_time(batched, getkey, recorded_kernel):
-    """Under `jax.vmap` the kernel is called on 2-D operands only (JAX would batch its
-    body, which is wrong): an ensemble of models loops over its matrices, a batch of
+    """Under `jax.vmap` the kernel is called on 2-D operands only (its sharding rule
+    cannot be batched): an ensemble of models loops over its matrices, a batch of
     inputs against one model is one call over all their rows. Output and gradients
     equal XLA's path's."""
     shapes = recorded_kernel
