@@ -12,9 +12,9 @@ process; the table gives the median of each, its ratio to the floor and its memo
     python benchmarks/step.py --only lora,peft          # some rows (floors always run)
 
 Rows (`--only` names): floor, lora, dora, lokr, loha, lokr-default, qlora-nf4,
-qlora-int8, qlora-nf4-remat, lora-remat, lora-mosaic, dora-mosaic, qlora-nf4-mosaic,
-qlora-int8-mosaic (the `-mosaic` rows: `kernel="mosaic"`, the fused kernel on a Hopper
-GPU, elsewhere the same as without), quax, full, torch-floor,
+qlora-int8, qlora-nf4-remat, lora-remat, lora-mosaic, lora-mosaic-remat, dora-mosaic,
+qlora-nf4-mosaic, qlora-int8-mosaic (the `-mosaic` rows: `kernel="mosaic"`, the fused
+kernel on a Hopper GPU, elsewhere the same as without), quax, full, torch-floor,
 torch-floor-compile, peft, peft-compile. The torch rows need `torch` and `peft`; they
 are skipped with a note when either does not import.
 """
@@ -67,6 +67,7 @@ ROWS = (
     "qlora-nf4-remat",
     "lora-remat",
     "lora-mosaic",
+    "lora-mosaic-remat",
     "dora-mosaic",
     "qlora-nf4-mosaic",
     "qlora-int8-mosaic",
@@ -465,6 +466,11 @@ def main(preset, rounds, only):
         "lora-mosaic",
         f"lora_jax lora (rank {r}), kernel='mosaic'",
         lambda: adapted(model, kernel="mosaic"),
+    )
+    add(
+        "lora-mosaic-remat",
+        f"lora_jax lora (rank {r}), kernel='mosaic'{remat_label}",
+        lambda: adapted(Net(model.blocks, remat=True), kernel="mosaic"),
     )
     add(
         "dora-mosaic",
