@@ -125,8 +125,9 @@ class LoraArray(AbstractAdapter):
             (`stop_gradient=True`), the product `x·wᵀ` over the
             input's last axis (a `Linear` under `vmap`, or `x @ w.T`), rows a multiple of 256, `out`
             of 128 and `in` of 64; every other product (and every other backend) takes
-            XLA's path. An input sharded by `jit` is gathered for the kernel: use it
-            unsharded or under `shard_map`. See the
+            XLA's path. Under `jit` with sharded inputs the kernel is split over the
+            devices like XLA's products (on a mesh with explicit axes, XLA's path is
+            taken). See the
             [performance notes](../howto/performance.md#a-fused-kernel-on-hopper-gpus-kernelmosaic).
 
         !!! Example
