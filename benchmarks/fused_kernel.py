@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
+import step  # this directory's step.py: its timer
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
@@ -275,18 +276,10 @@ def main(check):
             args[0], args[1] = out
         return out
 
-    for name in runs:
-        for _ in range(3):
-            jax.block_until_ready(call(name))
-    times = {name: [] for name in runs}
-    for _ in range(20):
-        for name in runs:
-            t = time.perf_counter()
-            jax.block_until_ready(call(name))
-            times[name].append(time.perf_counter() - t)
-    floor_t = statistics.median(times["floor"])
-    for name, ts in times.items():
-        t = statistics.median(ts)
+    calls = {name: functools.partial(call, name) for name in runs}
+    times = step.median_times(calls, 20, warmup=3)
+    floor_t = times["floor"]
+    for name, t in times.items():
         print(f"step {name:14s} {t * 1e3:8.3f} ms  {t / floor_t:6.3f}x the floor")
     return failures
 

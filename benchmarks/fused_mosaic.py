@@ -40,6 +40,8 @@ from jax import lax
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout
+import step as step_bench  # noqa: E402  (this directory's step.py: its timer)
+
 from lora_jax import _mosaic  # noqa: E402
 from lora_jax._mosaic import PAD, lora_matmul, reference_matmul  # noqa: E402
 
@@ -50,10 +52,6 @@ CONFIGS = [  # rows per warpgroup (two per block), columns, contraction, pipelin
     dict(tile_m=64, tile_n=128, tile_k=64, stages=4),
     dict(tile_m=64, tile_n=128, tile_k=64, stages=5),
 ]
-
-
-def _pad_rows(m):
-    return jnp.pad(m, ((0, PAD - m.shape[0]), (0, 0)))
 
 
 def fused_linear(x, w, a, b):
@@ -126,7 +124,7 @@ def kernels(r=16):
         x = jr.normal(keys[0], (8192, k), jnp.bfloat16)
         w = (jr.normal(keys[1], (n, k)) * k**-0.5).astype(jnp.bfloat16)
         h = jnp.pad(jr.normal(keys[2], (8192, r), jnp.bfloat16), ((0, 0), (0, PAD - r)))
-        at = _pad_rows((jr.normal(keys[3], (r, n)) * 0.1).astype(jnp.bfloat16))
+        at = _mosaic._pad_rows((jr.normal(keys[3], (r, n)) * 0.1).astype(jnp.bfloat16))
         name = f"{k}→{n}"
         t0, _ = bench(lambda x, w: x @ w.T, (x, w))
         ref = reference_matmul(
@@ -208,20 +206,12 @@ def step(blocks=8, d=2048, hidden=8192, tokens=8192, r=16, rounds=30):
         "LoRA step, XLA": make_step(xla_linear),
         "LoRA step, fused Mosaic kernel": make_step(fused),
     }
-    times = {name: [] for name in contenders}
-    for call in contenders.values():
-        for _ in range(3):
-            jax.block_until_ready(call())
-    for _ in range(rounds):
-        for name, call in contenders.items():
-            t = time.perf_counter()
-            jax.block_until_ready(call())
-            times[name].append(time.perf_counter() - t)
-    base = statistics.median(times["floor (forward + input gradient)"])
+    times = step_bench.median_times(contenders, rounds, warmup=3)
+    base = times["floor (forward + input gradient)"]
     print("\n| step (gpu preset) | ms | × floor |")
     print("|---|---:|---:|")
     for name in contenders:
-        t = statistics.median(times[name])
+        t = times[name]
         print(f"| {name} | {t * 1e3:.2f} | {t / base:.3f} |")
 
 

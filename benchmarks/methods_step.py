@@ -10,14 +10,13 @@ weight's size (other than the weights themselves) in the step's jaxpr.
 
 import argparse
 import datetime
-import statistics
-import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import quax
+import step  # this directory's step.py: its timer
 
 import lora_jax as lora
 
@@ -107,16 +106,8 @@ def main():
         adapted = lora.loraify(base, rank=RANK, alpha=float(RANK), key=jr.key(3), method=method)
         fns[method], jaxprs[method] = make_step(adapted, x, y)
 
-    for f in fns.values():  # warm-up (compiles)
-        jax.block_until_ready(f())
-        jax.block_until_ready(f())
-    times = {k: [] for k in fns}
-    for _ in range(args.runs):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(time.perf_counter() - t0)
-    floor = statistics.median(times["floor"])
+    times = step.median_times(fns, args.runs, warmup=2)  # the warm-up compiles
+    floor = times["floor"]
     lines = [
         f"# LoRA, DoRA, LoKr, LoHa: one training step against the floor ({datetime.date.today()})",
         "",
@@ -127,8 +118,7 @@ def main():
         "| variant | ms | × floor |",
         "|---|---:|---:|",
     ]
-    for k, ts in times.items():
-        m = statistics.median(ts)
+    for k, m in times.items():
         lines.append(f"| {k} | {1e3 * m:.2f} | {m / floor:.3f} |")
     if args.jaxpr:
         shapes = {(HIDDEN, WIDTH), (WIDTH, HIDDEN)}

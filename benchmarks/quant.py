@@ -16,9 +16,7 @@ import argparse
 import datetime
 import pathlib
 import platform
-import statistics
 import sys
-import time
 
 import equinox as eqx
 import jax
@@ -28,6 +26,8 @@ import quax
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout
+import step  # noqa: E402  (this directory's step.py: its timer)
+
 import lora_jax as lora  # noqa: E402
 
 
@@ -104,16 +104,9 @@ def step_table(key, rounds):
     for method in ("int8", "nf4"):
         q = lora.quantise(model, method=method)
         variants[f"LoRA, {method} base"] = make_step(lora.loraify(q, rank=8, key=kl))
-    times = {name: [] for name in variants}
-    for fn in variants.values():
-        jax.block_until_ready(fn())  # compile
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t)
-    floor_t = statistics.median(times["plain floor (fwd + vjp wrt x)"])
-    return [(n, statistics.median(ts), statistics.median(ts) / floor_t) for n, ts in times.items()]
+    times = step.median_times(variants, rounds, warmup=1)  # the warm-up compiles
+    floor_t = times["plain floor (fwd + vjp wrt x)"]
+    return [(n, t, t / floor_t) for n, t in times.items()]
 
 
 def main():

@@ -383,12 +383,22 @@ def git_commit():
         return "?"
 
 
-def timeit(contenders, rounds):
-    times = {name: [] for name in contenders}
+def median_times(calls, rounds, warmup=0):
+    """{name: median seconds of `calls[name]()`} over interleaved rounds, after `warmup`
+    untimed calls of each. A call's result is waited on by the call's `sync` if it has
+    one (torch's contenders), else by `jax.block_until_ready`."""
+
+    def run(c):
+        return getattr(c, "sync", jax.block_until_ready)(c())
+
+    for c in calls.values():
+        for _ in range(warmup):
+            run(c)
+    times = {name: [] for name in calls}
     for _ in range(rounds):
-        for name, c in contenders.items():
+        for name, c in calls.items():
             t = time.perf_counter()
-            c.sync(c())
+            run(c)
             times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -535,7 +545,7 @@ def main(preset, rounds, only):
         if not isinstance(c, JaxContender):
             c.mem, c.temp = torch_info["measure"](c)
 
-    med = timeit(contenders, rounds)
+    med = median_times(contenders, rounds)
     base = med["floor"]
     torch_base = {
         "torch-floor": med.get("torch-floor"),
