@@ -382,7 +382,9 @@ def _kron_apply_minor(w1, w2, c: int, x, precision):
 
     Per row `x_r` seen as a `(p1, p2)` matrix, the result is `w1 · x_r · w2ᵀ`: `w2`
     contracts the minor dimension as one large matrix product, and `w1` the middle one
-    as a product batched over the rows (`w1` broadcast to each: it is small)."""
+    as a product batched over the rows (`w1` broadcast to each: it is small). A
+    decomposed `w2` may instead put `w1` between its two thin factors, where the
+    middle dimension meets a rank-sized tensor."""
     f = 1 - c
     s1, s2 = _shape(w1), _shape(w2)
     p1, p2, q1, q2 = s1[c], s2[c], s1[f], s2[f]
@@ -413,13 +415,24 @@ def _kron_apply_minor(w1, w2, c: int, x, precision):
         # as one fused elementwise pass instead. A CPU is faster with the product.
         return _per_platform(y, default=batched, gpu=lambda y: _middle_elementwise(m1, y))
 
-    # Multiply-adds per row of `x`, `w2` first or `w1` first: take the cheaper order.
+    # Multiply-adds per row of `x` for each order; take the cheapest.
+    orders = {}
+    if isinstance(w2, tuple):
+        # `w2 = w2_a @ w2_b` of rank r: its two thin factors on either side of `w1`
+        # (`w1 ⊗ w2_a·w2_b = (1 ⊗ w2_a)(w1 ⊗ 1)(1 ⊗ w2_b)`), so `w1` mixes a
+        # `(rows, p1, r)` tensor, not an output-sized one.
+        inner, outer = (w2[1], w2[0]) if c == 1 else w2
+        r = inner.shape[1 - c]
+        orders["rank"] = (
+            p1 * p2 * r + q1 * p1 * r + q1 * r * q2,
+            lambda x: minor(middle(minor(x, inner)), outer),
+        )
     per_row = p2 * q2 if not isinstance(w2, tuple) else w2[0].shape[1] * (p2 + q2)
-    if p1 * per_row + q1 * p1 * q2 <= q1 * p1 * p2 + q1 * per_row:
-        u = middle(minor(x, w2))  # (rows, p1, q2) -> (rows, q1, q2)
-    else:
-        u = minor(middle(x), w2)  # (rows, q1, p2) -> (rows, q1, q2)
-    return u.reshape(*lead, q1 * q2)
+    # (rows, p1, q2) -> (rows, q1, q2), and (rows, q1, p2) -> (rows, q1, q2).
+    orders["w2"] = (p1 * per_row + q1 * p1 * q2, lambda x: middle(minor(x, w2)))
+    orders["w1"] = (q1 * p1 * p2 + q1 * per_row, lambda x: minor(middle(x), w2))
+    _, apply = min(orders.values(), key=lambda order: order[0])
+    return apply(x).reshape(*lead, q1 * q2)
 
 
 # The largest `w1` (as `q1·p1` entries) contracted elementwise on a GPU. Measured on

@@ -85,14 +85,19 @@ def assert_no_dense_delta(jaxpr, out: int, inp: int):
                 raise AssertionError(f"materialised weight: {eqn}")
 
 
-def jaxpr_primitives(jaxpr) -> list[str]:
-    names = []
+def jaxpr_eqns(jaxpr) -> list:
+    """Every equation of `jaxpr` and of the jaxprs nested in it, in order."""
+    eqns = []
 
     def visit(j):
         for eqn in j.eqns:
-            names.append(eqn.primitive.name)
+            eqns.append(eqn)
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 visit(sub)
 
     visit(jaxpr)
-    return names
+    return eqns
+
+
+def jaxpr_primitives(jaxpr) -> list[str]:
+    return [eqn.primitive.name for eqn in jaxpr_eqns(jaxpr)]

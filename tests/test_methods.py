@@ -20,6 +20,7 @@ from .helpers import (
     dense_loha,
     dense_lokr,
     dense_lora,
+    jaxpr_eqns,
     randomise_factors,
     tree_allclose,
 )
@@ -358,6 +359,32 @@ def test_lokr_lowering_picks_the_gpu_contraction_for_cuda(getkey):
     assert any("stablehlo.reduce" in line for line in cuda)
     assert any("batching_dims" in line for line in cpu)
     assert not any("stablehlo.reduce" in line for line in cpu)
+
+
+def test_lokr_small_w1_mixes_a_rank_sized_tensor(getkey):
+    """With `w2` held as two thin factors, `w1` goes between them: the product batched
+    over the rows (`w1`'s) has the rank as its last dimension, not `w2`'s output size,
+    so no output-sized intermediate besides the result is made. Its values and
+    gradients equal the dense reference's."""
+    out, inp, rank = 64, 48, 3  # (4, 16) and (4, 12), w2 held at rank 3
+    v = lora.LokrArray(
+        jr.normal(getkey(), (out, inp)),
+        rank=rank,
+        decompose_factor=4,
+        init_weights=False,
+        key=getkey(),
+    )
+    assert v.w2 is None and v.w1.shape == (4, 4)
+    x = jr.normal(getkey(), (5, inp))
+    f = quax.quaxify(jax.vmap(lambda w, x: w @ x, in_axes=(None, 0)))
+    batched = [
+        e.outvars[0].aval.shape
+        for e in jaxpr_eqns(jax.make_jaxpr(f)(v, x).jaxpr)
+        if e.primitive.name == "dot_general" and e.params["dimension_numbers"][1][0]
+    ]
+    assert batched == [(5, 4, rank)]
+    np.testing.assert_allclose(f(v, x), x @ dense(v).T, rtol=1e-4, atol=1e-4)
+    _check_gradients(v, x)
 
 
 def test_lokr_init_weights_zero_the_right_factor(getkey):
