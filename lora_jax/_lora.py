@@ -123,11 +123,12 @@ class LoraArray(AbstractAdapter):
             applies to bf16/f16 weights (quantised ones too) with factors and inputs
             of the same dtype, rank ≤ 64, no dropout, a frozen base
             (`stop_gradient=True`), the product `x·wᵀ` over the
-            input's last axis (a `Linear` under `vmap`, or `x @ w.T`), rows a multiple of 256, `out`
-            of 128 and `in` of 64; every other product (and every other backend) takes
-            XLA's path. Under `jit` with sharded inputs the kernel is split over the
-            devices like XLA's products (on a mesh with explicit axes, XLA's path is
-            taken). See the
+            input's last axis (a `Linear` under `vmap`, or `x @ w.T`), rows a
+            multiple of 256, `out` of 128 and `in` of 64 (the input gradient's kernel
+            also needs `in` a multiple of 128, and is XLA's product otherwise); every
+            other product (and every other backend) takes XLA's path. Under `jit`
+            with sharded inputs the kernel is split over the devices like XLA's
+            products (on a mesh with explicit axes, XLA's path is taken). See the
             [performance notes](../howto/performance.md#a-fused-kernel-on-hopper-gpus-kernelmosaic).
 
         !!! Example

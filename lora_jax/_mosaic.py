@@ -14,8 +14,10 @@ applies (`product` returns `None` otherwise and the caller takes XLA's path): th
 default backend a Hopper GPU, a 2-D bf16/f16 weight (or a quantised one, dequantised
 in the step for each call) with factors and input of its dtype, rank at most 64, the
 product a plain `x·wᵀ` over the input's last axis, and shapes that tile (rows a
-multiple of 256, `out` of 128, `in` of 64). The kernel has its own `vmap` rule
-(`one_matrix_at_a_time`) and sharding rule (`split_over_devices`).
+multiple of 256, `out` of 128, `in` of 64; the input gradient's call, whose output
+is `in` wide, also needs `in` a multiple of 128 and is XLA's product otherwise). The
+kernel has its own `vmap` rule (`one_matrix_at_a_time`) and sharding rule
+(`split_over_devices`).
 """
 
 import functools
@@ -315,6 +317,16 @@ def reference_matmul(x, w, h, at, *, w_transposed, **_):
     return (big + jnp.dot(h, at, preferred_element_type=f32)).astype(x.dtype)
 
 
+def _matmul_or_xla(x, w, h, at, *, w_transposed: bool):
+    """`lora_matmul`, or its plain statement where the shapes do not tile: the input
+    gradient's product (`n = in`, `k = out`) may not where the forward's did (an `in`
+    that is a multiple of 64 but not of 128)."""
+    m, k = x.shape
+    n = w.shape[0] if w_transposed else w.shape[1]
+    matmul = lora_matmul if _tiles(m, n, k, _TILE_M, _TILE_N, _TILE_K) else reference_matmul
+    return matmul(x, w, h, at, w_transposed=w_transposed)
+
+
 def _pad_rows(m):
     return jnp.pad(m, ((0, PAD - m.shape[0]), (0, 0)))
 
@@ -340,7 +352,7 @@ def _backward(res, g):
     r = a.shape[1]
     a_cols = jnp.pad(a, ((0, 0), (0, PAD - r)))
     gs = (s * jnp.dot(g, a_cols, preferred_element_type=f32)).astype(g.dtype)
-    gx = lora_matmul(g, _dense(w), gs, _pad_rows(b), w_transposed=False)
+    gx = _matmul_or_xla(g, _dense(w), gs, _pad_rows(b), w_transposed=False)
     ga = jnp.dot(g.T, hs[:, :r], preferred_element_type=f32).astype(a.dtype)
     gb = jnp.dot(gs[:, :r].T, x, preferred_element_type=f32).astype(b.dtype)
     return gx, None, ga, gb, None

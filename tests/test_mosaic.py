@@ -375,6 +375,25 @@ def test_kernel_lowers_for_cuda(variant, getkey, monkeypatch, fresh_rules):
     assert not big, big
 
 
+def test_input_gradient_that_does_not_tile_takes_xlas_product(getkey, monkeypatch, fresh_rules):
+    """An `in` that is a multiple of 64 but not of 128 tiles the forward (`k = in`) but
+    not the input gradient (`n = in`): lowered for CUDA, the forward is the kernel and
+    the input gradient XLA's product (it used to raise "do not tile" in the backward
+    pass). Values and gradients equal XLA's path's."""
+    monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
+    inp = 192
+    key = getkey()
+    fused, xla = (adapted(key, kernel=k, inp=inp) for k in ("mosaic", "xla"))
+    params, frozen = lora.partition(fused)
+    x = jr.normal(getkey(), (TOKENS, inp), jnp.bfloat16)
+    step = jax.grad(lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), argnums=(0, 1))
+    text = jax.jit(step).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+    monkeypatch.setattr(_mosaic, "lora_matmul", _mosaic.reference_matmul)
+    _rules._cached_dot.clear_cache()  # traced above with the real kernel
+    assert_matches_xlas_path(fused, xla, loss, x)
+
+
 GPU_VARIANTS = {
     "lora": {},
     "ensemble": {},  # `jax.vmap` over two models
