@@ -13,7 +13,7 @@ process; the table gives the median of each, its ratio to the floor and its memo
 
 Rows (`--only` names): floor, lora, dora, lokr, loha, lokr-default, qlora-nf4,
 qlora-int8, qlora-nf4-remat, lora-remat, lora-mosaic, lora-mosaic-remat, dora-mosaic,
-qlora-nf4-mosaic, qlora-int8-mosaic (the `-mosaic` rows: `kernel="mosaic"`, the fused
+lokr-mosaic, qlora-nf4-mosaic, qlora-int8-mosaic (the `-mosaic` rows: `kernel="mosaic"`, the fused
 kernel on a Hopper GPU, elsewhere the same as without), quax, full, torch-floor,
 torch-floor-compile, peft, peft-compile. The torch rows need `torch` and `peft`; they
 are skipped with a note when either does not import.
@@ -69,6 +69,7 @@ ROWS = (
     "lora-mosaic",
     "lora-mosaic-remat",
     "dora-mosaic",
+    "lokr-mosaic",
     "qlora-nf4-mosaic",
     "qlora-int8-mosaic",
     "quax",
@@ -486,6 +487,12 @@ def main(preset, rounds, only):
         "dora-mosaic",
         f"lora_jax dora (rank {r}), kernel='mosaic'",
         lambda: adapted(model, method="dora", kernel="mosaic"),
+    )
+    _, lokr_rank, lokr_options = method_configs(r)["lokr"]
+    add(
+        "lokr-mosaic",
+        f"lora_jax lokr (rank {lokr_rank}, decompose_factor={LOKR_FACTOR}), kernel='mosaic'",
+        lambda: adapted(model, lokr_rank, "lokr", kernel="mosaic", **lokr_options),
     )
     for qmethod in ("nf4", "int8"):
         add(

@@ -5,16 +5,19 @@ import math
 from typing import Literal
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import quax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
+from . import _mosaic
 from ._base import AbstractAdapter, as_scaling
 from ._dropout import module_keep, unit_mask
 from ._rules import Dims, join_dims, plain_product, result_order
 from ._validate import (
+    check_choice,
     check_dtype,
     check_key,
     check_probability,
@@ -88,6 +91,7 @@ class LokrArray(AbstractAdapter):
     transposed: bool = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
+    kernel: str = eqx.field(static=True, default="xla")
 
     trainable_fields = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
 
@@ -108,6 +112,7 @@ class LokrArray(AbstractAdapter):
         dtype=None,
         allow_materialise: bool = False,
         stop_gradient: bool = True,
+        kernel: str = "xla",
     ):
         """**Arguments:**
 
@@ -134,6 +139,12 @@ class LokrArray(AbstractAdapter):
             concerns convolutions and has no effect on a matrix.
         - `dtype`: the factors' dtype. Defaults to the weight's.
         - `allow_materialise`, `stop_gradient`: as for [`lora_jax.LoraArray`][].
+        - `kernel`: `"xla"` (the default) or `"mosaic"`: as for
+            [`lora_jax.LoraArray`][], the large product and the update's last factor
+            in one Mosaic GPU kernel on a Hopper GPU, where `w2` is held at rank ≤ 64
+            (as `w2_a @ w2_b`) and `w1` has at most 16 entries (`decompose_factor=4`,
+            say), `out/l` and `in/p` are multiples of 128, and neither dropout is
+            active; XLA's path otherwise.
 
         !!! Example
 
@@ -182,6 +193,7 @@ class LokrArray(AbstractAdapter):
             )
         check_probability(rank_dropout, "rank_dropout")
         check_probability(module_dropout, "module_dropout")
+        check_choice(kernel, "kernel", ("xla", "mosaic"))
         dtype = check_dtype(dtype, weight.dtype)
         out, inp = weight.shape
         l, k = factorization(out, decompose_factor)
@@ -214,6 +226,7 @@ class LokrArray(AbstractAdapter):
         self.transposed = False
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
+        self.kernel = kernel
 
     @property
     def rank(self) -> int:
@@ -247,6 +260,12 @@ class LokrArray(AbstractAdapter):
                 )
             if self.module_dropout > 0:
                 keep = module_keep(k_module, self.module_dropout, (), _dtype(w1))
+        # The kernel's gradient stops at `w`: a trained base takes XLA's path.
+        if self.kernel == "mosaic" and self.stop_gradient and rows is None and keep is None:
+            scaling = lax.stop_gradient(self.scaling)
+            out = _kernel_product(self.w, w1, w2, scaling, self.transposed, other, dims, params)
+            if out is not None:
+                return out
         return _lokr_dot(
             self.w,
             w1,
@@ -451,7 +470,8 @@ def _middle_elementwise(m, y):
     """`m (q, p)` applied to the middle dimension of `y (rows, p, n)`, as a sum of
     `p` scaled slices, accumulated in float32 (as a matrix product of `y`'s dtype
     would)."""
-    acc = jnp.promote_types(y.dtype, jnp.float32)
+    # (Not `promote_types`: under strict dtype promotion bf16 and f32 have no common type.)
+    acc = y.dtype if jnp.finfo(y.dtype).bits >= 32 else jnp.dtype(jnp.float32)
     prod = m.astype(acc)[None, :, :, None] * y.astype(acc)[:, None, :, :]
     return jnp.sum(prod, axis=2).astype(y.dtype)
 
@@ -467,3 +487,96 @@ def _dtype(m):
 
 def _full(m):
     return m[0] @ m[1] if isinstance(m, tuple) else m
+
+
+def _kernel_product(w, w1, w2, scaling, transposed: bool, other, dims: Dims, params):
+    """The adapted product by the fused kernel (`_mosaic`), in `dot_general`'s layout,
+    or `None` where it does not apply: a plain `x·wᵀ` (an untransposed adapter), a
+    small `w1`, `w2` held at rank ≤ `PAD`, and shapes that tile.
+
+    `w1 ⊗ w2_a·w2_b = (1 ⊗ w2_a)(w1 ⊗ 1)(1 ⊗ w2_b)`: the thin `(rows, p1, r)` product
+    with `w2_b` and `w1`'s mixing (to `(rows, q1, r)`) are XLA's, and the kernel adds
+    `1 ⊗ w2_a` as a block-diagonal low-rank term, group `i` of the output's `q1`
+    column groups from the rows' `i`-th rank block."""
+    if transposed or not isinstance(w2, tuple) or jnp.ndim(scaling):
+        return None
+    w1 = _full(w1)
+    w2_a, w2_b = w2
+    (q1, p1), (q2, r), p2 = w1.shape, w2_a.shape, w2_b.shape[1]
+    if w1.size > _SMALL_W1 or r > _mosaic.PAD:
+        return None
+    layout = _mosaic.kernel_layout(w, (w1, w2_a, w2_b), other, dims, params)
+    if layout is None or layout[0]:
+        return None
+    perm = layout[1]
+    lead = other.shape[:-1]
+    rows = math.prod(lead)
+    if not _mosaic.rows_tile(rows, q1 * q2, p1 * p2) or q2 % _mosaic.TILE_N:
+        return None
+    m1 = scaling.astype(w1.dtype) * w1
+    y = _fused_lokr(other.reshape(rows, p1 * p2), w, m1, w2_a, w2_b)
+    y = y.reshape(*lead, q1 * q2)
+    return y if perm is None else lax.transpose(y, perm)
+
+
+def _grouped(t):
+    """`(rows, groups, r)` -> `(rows, groups·PAD)`, each group's rank zero-padded to
+    the kernel's `PAD`."""
+    rows, groups, r = t.shape
+    t = jnp.pad(t, ((0, 0), (0, 0), (0, _mosaic.PAD - r)))
+    return t.reshape(rows, groups * _mosaic.PAD)
+
+
+def _dot(x, y):
+    """`x·yᵀ` in x's dtype with float32 accumulation, with no transpose of either."""
+    f32 = jnp.float32
+    out = lax.dot_general(x, y, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+    return out.astype(x.dtype)
+
+
+@jax.custom_vjp
+def _fused_lokr(x, w, m1, w2_a, w2_b):
+    """`x·(w + m1 ⊗ w2_a·w2_b)ᵀ` for x `(rows, p1·p2)`, w `(q1·q2, p1·p2)` (an array or
+    a quantised one), `m1` `(q1, p1)` (the scaling folded in), `w2_a` `(q2, r)`, `w2_b`
+    `(r, p2)`; no gradient reaches w."""
+    return _fused_lokr_forward(x, w, m1, w2_a, w2_b)[0]
+
+
+def _fused_lokr_forward(x, w, m1, w2_a, w2_b):
+    rows = x.shape[0]
+    (q1, p1), (r, p2) = m1.shape, w2_b.shape
+    t = _dot(x.reshape(rows * p1, p2), w2_b).reshape(rows, p1, r)
+    u = _middle_elementwise(m1, t)  # (rows, q1, r)
+    y = _mosaic.lora_matmul(
+        x, _mosaic.dense(w), _grouped(u), _mosaic.pad_rows(w2_a.T), w_transposed=True, groups=q1
+    )
+    return y, (x, w, m1, w2_a, w2_b, t, u)
+
+
+def _fused_lokr_backward(res, g):
+    x, w, m1, w2_a, w2_b, t, u = res
+    rows = x.shape[0]
+    (q1, p1), (q2, r), p2 = m1.shape, w2_a.shape, w2_b.shape[1]
+    f32 = jnp.float32
+    g_rows = g.reshape(rows * q1, q2)
+    v = jnp.dot(g_rows, w2_a, preferred_element_type=f32).astype(g.dtype)  # (rows·q1, r)
+    v = v.reshape(rows, q1, r)
+    v1 = _middle_elementwise(m1.T, v)  # (rows, p1, r)
+    gx = _mosaic.matmul_or_xla(
+        g, _mosaic.dense(w), _grouped(v1), _mosaic.pad_rows(w2_b), w_transposed=False, groups=p1
+    )
+    g_w2_a = jnp.dot(g_rows.T, u.reshape(rows * q1, r), preferred_element_type=f32)
+    g_w2_b = jnp.dot(
+        v1.reshape(rows * p1, r).T, x.reshape(rows * p1, p2), preferred_element_type=f32
+    )
+    g_m1 = jnp.einsum("nor,nir->oi", v, t, preferred_element_type=f32)
+    return (
+        gx,
+        None,
+        g_m1.astype(m1.dtype),
+        g_w2_a.astype(w2_a.dtype),
+        g_w2_b.astype(w2_b.dtype),
+    )
+
+
+_fused_lokr.defvjp(_fused_lokr_forward, _fused_lokr_backward)

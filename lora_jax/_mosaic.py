@@ -21,6 +21,7 @@ kernel has its own `vmap` rule (`one_matrix_at_a_time`) and sharding rule
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from ._rules import Dims, result_order
 
 
 PAD = 64  # the low-rank term's contraction: Mosaic's bf16 wgmma takes multiples of 64
-_TILE_M, _TILE_N, _TILE_K, _STAGES = 128, 128, 64, 3  # the best of those measured
+_TILE_M, TILE_N, _TILE_K, _STAGES = 128, 128, 64, 3  # the best of those measured
 _H100_SMS = 132  # streaming multiprocessors, for lowering where no GPU is attached
 
 
@@ -69,32 +70,44 @@ def lora_matmul(
     *,
     w_transposed: bool,
     tile_m: int = _TILE_M,
-    tile_n: int = _TILE_N,
+    tile_n: int = TILE_N,
     tile_k: int = _TILE_K,
     stages: int = _STAGES,
     sms: int | None = None,
+    groups: int = 1,
 ):
     """`x·wᵀ + h·at` (`w_transposed`: w is `(n, k)`) or `x·w + h·at` (w is `(k, n)`),
     in x's dtype with float32 accumulation; x `(m, k)`, h `(m, PAD)`, at `(PAD, n)`.
+
+    With `groups > 1` the low-rank term is block-diagonal: h is `(m, groups·PAD)`, at
+    `(PAD, n / groups)`, and output column block `g` (of `n / groups` columns) adds
+    `h[:, g·PAD:(g+1)·PAD]·at` (LoKr's `1 ⊗ w2_a`).
 
     Safe to `jax.vmap` (`one_matrix_at_a_time`), and split over devices by rows,
     output columns or the contraction where `jax.jit`'s shardings ask for it
     (`split_over_devices`)."""
     m, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
-    if not _tiles(m, n, k, tile_m, tile_n, tile_k) or h.shape != (m, PAD) or at.shape != (PAD, n):
-        raise ValueError(f"shapes x{x.shape} w{w.shape} h{h.shape} at{at.shape} do not tile")
+    if (
+        not _tiles(m, n, k, tile_m, tile_n, tile_k, groups)
+        or h.shape != (m, groups * PAD)
+        or at.shape != (PAD, n // groups)
+    ):
+        raise ValueError(
+            f"shapes x{x.shape} w{w.shape} h{h.shape} at{at.shape} do not tile"
+            + (f" in {groups} groups" if groups > 1 else "")
+        )
     config = dict(tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, stages=stages, sms=sms)
-    run = functools.partial(_kernel, w_transposed=w_transposed, **config)
-    fits = functools.partial(_tiles, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k)
-    return one_matrix_at_a_time(split_over_devices(run, fits, w_transposed))(x, w, h, at)
+    run = functools.partial(_kernel, w_transposed=w_transposed, groups=groups, **config)
+    fits = functools.partial(_tiles, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, groups=groups)
+    return one_matrix_at_a_time(split_over_devices(run, fits, w_transposed, groups))(x, w, h, at)
 
 
-def _tiles(m, n, k, tile_m, tile_n, tile_k) -> bool:
-    return not (m % (2 * tile_m) or n % tile_n or k % tile_k)
+def _tiles(m, n, k, tile_m, tile_n, tile_k, groups=1) -> bool:
+    return not (m % (2 * tile_m) or n % (groups * tile_n) or k % tile_k)
 
 
-def _kernel(x, w, h, at, *, w_transposed, tile_m, tile_n, tile_k, stages, sms):
+def _kernel(x, w, h, at, *, w_transposed, tile_m, tile_n, tile_k, stages, sms, groups=1):
     """The Mosaic GPU kernel for these operands' shapes, called on them."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -104,6 +117,7 @@ def _kernel(x, w, h, at, *, w_transposed, tile_m, tile_n, tile_k, stages, sms):
     dtype = x.dtype
     block_m, epi = 2 * tile_m, 64
     m_blocks, n_blocks, k_steps = m // block_m, n // tile_n, k // tile_k
+    group_blocks = n_blocks // groups  # column blocks per group of the low-rank term
     w_block = (tile_n, tile_k) if w_transposed else (tile_k, tile_n)
     w_index = (lambda kk: (0, kk)) if w_transposed else (lambda kk: (kk, 0))
 
@@ -157,13 +171,18 @@ def _kernel(x, w, h, at, *, w_transposed, tile_m, tile_n, tile_k, stages, sms):
                 mi, ni = plgpu.planar_snake(tile, (m_blocks, n_blocks), 0, 8)
                 rows = pl.ds(mi * block_m + wg * tile_m, tile_m)
                 cols = pl.ds(ni * tile_n, tile_n)
+                if groups == 1:
+                    h_block, at_block = h_gmem.at[rows], at_gmem.at[:, cols]
+                else:
+                    h_block = h_gmem.at[rows, pl.ds((ni // group_blocks) * PAD, PAD)]
+                    at_block = at_gmem.at[:, pl.ds((ni % group_blocks) * tile_n, tile_n)]
 
                 def context(run_pipeline):
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
                     def _(acc):
                         # The low-rank operands load while the large product runs.
-                        plgpu.copy_gmem_to_smem(h_gmem.at[rows], my_h, barriers.at[2 * wg])
-                        plgpu.copy_gmem_to_smem(at_gmem.at[:, cols], my_at, barriers.at[2 * wg + 1])
+                        plgpu.copy_gmem_to_smem(h_block, my_h, barriers.at[2 * wg])
+                        plgpu.copy_gmem_to_smem(at_block, my_at, barriers.at[2 * wg + 1])
                         run_pipeline(acc)
                         plgpu.barrier_wait(barriers.at[2 * wg])
                         plgpu.barrier_wait(barriers.at[2 * wg + 1])
@@ -210,13 +229,14 @@ def _kernel(x, w, h, at, *, w_transposed, tile_m, tile_n, tile_k, stages, sms):
         return kernel(x, w, h, at)
 
 
-def split_over_devices(matmul, fits, w_transposed: bool):
+def split_over_devices(matmul, fits, w_transposed: bool, groups: int = 1):
     """`matmul(x, w, h, at)` made splittable by XLA's sharding propagation (a custom
     call is otherwise run whole on every device, its sharded inputs gathered). Rows
     (x's and h's first axis), output columns (w's and at's) and the contraction may be
     sharded: each device runs `matmul` on its blocks, or the plain product where they
     do not tile (`fits(m, n, k)`); over a sharded contraction the low-rank term is
-    added on its first shard only and the partial products summed."""
+    added on its first shard only and the partial products summed. A block-diagonal
+    low-rank term (`groups > 1`) keeps the output columns whole."""
     from jax.experimental.custom_partitioning import custom_partitioning
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -239,6 +259,8 @@ def split_over_devices(matmul, fits, w_transposed: bool):
             inner = (*x.spec, None, None)[1]
         else:  # shardings XLA gives without a mesh: run it whole
             rows = cols = inner = None
+        if groups > 1:
+            cols = None
         ins, out = specs(rows, cols, inner)
         summed = axes(inner)
 
@@ -246,11 +268,11 @@ def split_over_devices(matmul, fits, w_transposed: bool):
             if summed:
                 first = functools.reduce(jnp.logical_and, [lax.axis_index(a) == 0 for a in summed])
                 h = jnp.where(first, h, jnp.zeros_like(h))
-            (m, k), n = x.shape, at.shape[1]
+            (m, k), n = x.shape, at.shape[1] * groups
             if fits(m, n, k):
                 y = matmul(x, w, h, at)
             else:
-                y = reference_matmul(x, w, h, at, w_transposed=w_transposed)
+                y = reference_matmul(x, w, h, at, w_transposed=w_transposed, groups=groups)
             return lax.psum(y, summed) if summed else y
 
         named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
@@ -261,16 +283,20 @@ def split_over_devices(matmul, fits, w_transposed: bool):
         if not (isinstance(x, NamedSharding) and isinstance(w, NamedSharding)):
             return None
         rows = (*x.spec, None)[0]
-        cols = (*w.spec, None, None)[0 if w_transposed else 1]
+        cols = (*w.spec, None, None)[0 if w_transposed else 1] if groups == 1 else None
         return NamedSharding(mesh, specs(rows, cols, None)[1])
 
     w_factors = "n k" if w_transposed else "k n"
+    if groups == 1:
+        rule, whole = f"m k, {w_factors}, m p, p n -> m n", ("p",)
+    else:
+        rule, whole = f"m k, {w_factors}, m g, p q -> m n", ("n", "g", "p", "q")
     call.def_partition(
         partition,
         infer_sharding_from_operands=infer,
-        sharding_rule=f"m k, {w_factors}, m p, p n -> m n",
+        sharding_rule=rule,
         reduction_factors=("k",),
-        need_replication_factors=("p",),
+        need_replication_factors=whole,
     )
     return call
 
@@ -302,32 +328,39 @@ def one_matrix_at_a_time(matmul):
     return call
 
 
-def _dense(w):
+def dense(w):
     """The weight as the kernel reads it: a quantised base is dequantised here, in the
     step, once for the forward and once for the input gradient (only the quantised
     arrays are kept in between)."""
     return w.dequantise() if is_quantised(w) else w
 
 
-def reference_matmul(x, w, h, at, *, w_transposed, **_):
+def reference_matmul(x, w, h, at, *, w_transposed, groups=1, **_):
     """What `lora_matmul` computes, in plain JAX (the tests' and benchmarks' stand-in
     for the kernel where no Hopper GPU is attached)."""
     f32 = jnp.float32
     big = jnp.dot(x, w.T if w_transposed else w, preferred_element_type=f32)
-    return (big + jnp.dot(h, at, preferred_element_type=f32)).astype(x.dtype)
+    if groups == 1:
+        low = jnp.dot(h, at, preferred_element_type=f32)
+    else:
+        h = h.reshape(h.shape[0], groups, -1)
+        low = jnp.einsum("mgp,pn->mgn", h, at, preferred_element_type=f32)
+        low = low.reshape(big.shape)
+    return (big + low).astype(x.dtype)
 
 
-def _matmul_or_xla(x, w, h, at, *, w_transposed: bool):
+def matmul_or_xla(x, w, h, at, *, w_transposed: bool, groups: int = 1):
     """`lora_matmul`, or its plain statement where the shapes do not tile: the input
     gradient's product (`n = in`, `k = out`) may not where the forward's did (an `in`
     that is a multiple of 64 but not of 128)."""
     m, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
-    matmul = lora_matmul if _tiles(m, n, k, _TILE_M, _TILE_N, _TILE_K) else reference_matmul
-    return matmul(x, w, h, at, w_transposed=w_transposed)
+    tiles = _tiles(m, n, k, _TILE_M, TILE_N, _TILE_K, groups)
+    matmul = lora_matmul if tiles else reference_matmul
+    return matmul(x, w, h, at, w_transposed=w_transposed, groups=groups)
 
 
-def _pad_rows(m):
+def pad_rows(m):
     return jnp.pad(m, ((0, PAD - m.shape[0]), (0, 0)))
 
 
@@ -341,8 +374,8 @@ def fused_linear(x, w, a, b, s):
 
 def _forward(x, w, a, b, s):
     f32 = jnp.float32
-    hs = (s * jnp.dot(x, _pad_rows(b).T, preferred_element_type=f32)).astype(x.dtype)
-    y = lora_matmul(x, _dense(w), hs, _pad_rows(a.T), w_transposed=True)
+    hs = (s * jnp.dot(x, pad_rows(b).T, preferred_element_type=f32)).astype(x.dtype)
+    y = lora_matmul(x, dense(w), hs, pad_rows(a.T), w_transposed=True)
     return y, (x, w, a, b, s, hs)
 
 
@@ -352,7 +385,7 @@ def _backward(res, g):
     r = a.shape[1]
     a_cols = jnp.pad(a, ((0, 0), (0, PAD - r)))
     gs = (s * jnp.dot(g, a_cols, preferred_element_type=f32)).astype(g.dtype)
-    gx = _matmul_or_xla(g, _dense(w), gs, _pad_rows(b), w_transposed=False)
+    gx = matmul_or_xla(g, dense(w), gs, pad_rows(b), w_transposed=False)
     ga = jnp.dot(g.T, hs[:, :r], preferred_element_type=f32).astype(a.dtype)
     gb = jnp.dot(gs[:, :r].T, x, preferred_element_type=f32).astype(b.dtype)
     return gx, None, ga, gb, None
@@ -375,25 +408,27 @@ def _explicitly_sharded(*values) -> bool:
     return False
 
 
-def product(w, a, b, scaling, other, dims: Dims, params, rate: float):
-    """The adapted product `dot_general(w + s·a@b, other)` by the kernel, in
-    `dot_general`'s layout, or `None` where the kernel does not apply."""
-    if rate or not _on_hopper():
+def kernel_layout(w, factors, other, dims: Dims, params):
+    """Whether `dot_general(w, other)` (w adapted with `factors`) can be the kernel's:
+    `(swap, perm)` for a plain product over `other`'s last axis, `x·wᵀ` (`swap`
+    False) or `x·w` (the stored matrix transposed), `perm` the result's permutation
+    as for `result_order`; `None` otherwise (the backend, the dtypes, the layout)."""
+    if not _on_hopper():
         return None
-    if not all(isinstance(v, jax.Array) for v in (a, b, other)):
+    if not all(isinstance(v, jax.Array) for v in (*factors, other)):
         return None
     if not (isinstance(w, jax.Array) or is_quantised(w)):
         return None
-    if _explicitly_sharded(w, a, b, other):
+    if _explicitly_sharded(w, *factors, other):
         return None
     dtype = w.dtype
-    if dtype not in (jnp.bfloat16, jnp.float16) or {a.dtype, b.dtype, other.dtype} != {dtype}:
+    if dtype not in (jnp.bfloat16, jnp.float16) or {f.dtype for f in (*factors, other)} != {dtype}:
         return None
     if params.get("precision") is not None or params.get("out_sharding") is not None:
         return None
     if params.get("preferred_element_type") not in (None, dtype):
         return None
-    if w.ndim != 2 or other.ndim < 2 or a.shape[-1] > PAD or jnp.ndim(scaling):
+    if w.ndim != 2 or other.ndim < 2:
         return None
     inner, perm = result_order(dims, w.ndim, other.ndim, params)
     if (
@@ -401,22 +436,37 @@ def product(w, a, b, scaling, other, dims: Dims, params, rate: float):
         or inner.other_contract != (other.ndim - 1,)
         or inner.adapter_batch
         or inner.other_batch
+        or inner.adapter_contract not in ((0,), (1,))
     ):
         return None
-    if inner.adapter_contract == (0,):
+    return inner.adapter_contract == (0,), perm
+
+
+def rows_tile(rows: int, out: int, inp: int) -> bool:
+    """Whether a product of `rows` rows (all leading axes together) with an `(out, in)`
+    matrix tiles the kernel's forward (its input gradient may still not)."""
+    return not (rows % (2 * _TILE_M) or out % TILE_N or inp % _TILE_K)
+
+
+def product(w, a, b, scaling, other, dims: Dims, params, rate: float):
+    """The adapted product `dot_general(w + s·a@b, other)` by the kernel, in
+    `dot_general`'s layout, or `None` where the kernel does not apply."""
+    if rate or a.shape[-1] > PAD or jnp.ndim(scaling):
+        return None
+    layout = kernel_layout(w, (a, b), other, dims, params)
+    if layout is None:
+        return None
+    swap, perm = layout
+    if swap:
         if is_quantised(w):
             return None
         # A transposed adapter (`x @ w.T` in the model) holds the stored matrix and
         # factors transposed: transposing them back costs nothing (XLA cancels the
         # two transposes) and gives the kernel its `x·wᵀ`.
         w, a, b = w.T, b.T, a.T
-    elif inner.adapter_contract != (1,):
-        return None
     (out, inp), lead = w.shape, other.shape[:-1]
-    rows = 1
-    for d in lead:
-        rows *= d
-    if rows % (2 * _TILE_M) or out % _TILE_N or inp % _TILE_K:
+    rows = math.prod(lead)
+    if not rows_tile(rows, out, inp):
         return None
     y = fused_linear(other.reshape(rows, inp), w, a, b, jnp.asarray(scaling, jnp.float32))
     y = y.reshape(*lead, out)

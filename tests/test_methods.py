@@ -341,6 +341,20 @@ def test_lokr_gpu_contraction_matches_dense(variant, getkey, monkeypatch, reques
     assert taken  # every variant here has a 4×4 `w1`
 
 
+def test_lokr_gpu_contraction_in_bfloat16(getkey):
+    """The GPU's elementwise contraction of a small `w1` takes bf16 operands (it used
+    to fail under strict dtype promotion, which the tests run with) and accumulates in
+    float32."""
+    from lora_jax._lokr import _middle_elementwise
+
+    m = jr.normal(getkey(), (4, 4)).astype(jnp.bfloat16)
+    y = jr.normal(getkey(), (8, 4, 16)).astype(jnp.bfloat16)
+    got = _middle_elementwise(m, y)
+    assert got.dtype == jnp.bfloat16
+    want = jnp.einsum("qp,rpn->rqn", m.astype(jnp.float32), y.astype(jnp.float32))
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=1e-2, atol=1e-2)
+
+
 def test_lokr_lowering_picks_the_gpu_contraction_for_cuda(getkey):
     """The branch is chosen per platform at lowering: lowered for CUDA (no GPU needed),
     the small `w1` is a reduction over the broadcast product and no batched product is

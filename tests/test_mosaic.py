@@ -43,6 +43,8 @@ def adapted(
     if quant is not None:
         lin = lora.quantise(lin, method=quant)
     lin = lora.loraify(lin, rank=rank, key=k2, kernel=kernel, **options)
+    if options.get("method") == "lokr":
+        return lin  # made with `init_weights=False` (LOKR): every factor nonzero
     # Both factors nonzero (the default initialisation leaves b zero), so the low-rank
     # term and every factor gradient count.
     a = jr.normal(k3, lin.weight.a.shape, jnp.float32) * 0.5
@@ -51,6 +53,11 @@ def adapted(
     return eqx.tree_at(
         lambda m: (m.weight.a, m.weight.b), lin, (a.astype(v.a.dtype), b.astype(v.b.dtype))
     )
+
+
+# LoKr with w1 4×4 and w2 held at rank RANK: `out/4` and `in/4` multiples of 128, as
+# the kernel's column groups need.
+LOKR = dict(method="lokr", init_weights=False, decompose_factor=4, out=1024, inp=512)
 
 
 def dense(model):
@@ -177,6 +184,30 @@ def test_dora_matches_xlas_path(lead, getkey, plain_kernel):
         assert_matches_xlas_path(fused, xla, f, x)
 
 
+@pytest.mark.parametrize("lead", [(TOKENS,), (2, TOKENS // 2)], ids=["tokens", "batch-tokens"])
+def test_lokr_matches_xlas_path(lead, getkey, plain_kernel):
+    """LoKr with `kernel="mosaic"`: `w2_b` and `w1` are applied by XLA to a rank-sized
+    tensor and the kernel adds `1 ⊗ w2_a` as a block-diagonal low-rank term; output and
+    gradients (every factor's) equal XLA's path's."""
+    key = getkey()
+    fused, xla = (adapted(key, kernel=k, **LOKR) for k in ("mosaic", "xla"))
+    assert fused.weight.w2 is None and fused.weight.w1.shape == (4, 4)
+    x = jr.normal(getkey(), (*lead, LOKR["inp"]), jnp.bfloat16)
+    assert_matches_xlas_path(fused, xla, loss, x)
+
+
+def test_grouped_low_rank_term_is_block_diagonal(getkey):
+    """`reference_matmul(..., groups=g)`, the kernel's statement: output column group
+    `i` adds the `i`-th `PAD`-wide block of `h` times `at`, i.e. `h` times the
+    block-diagonal `1 ⊗ at`."""
+    m, k, n, groups, pad = 256, 64, 512, 4, _mosaic.PAD
+    x, w = jr.normal(getkey(), (m, k)), jr.normal(getkey(), (n, k))
+    h, at = jr.normal(getkey(), (m, groups * pad)), jr.normal(getkey(), (pad, n // groups))
+    got = _mosaic.reference_matmul(x, w, h, at, w_transposed=True, groups=groups)
+    want = x @ w.T + h @ jnp.kron(jnp.eye(groups), at)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_quantised_base_matches_xlas_path(quant, getkey, plain_kernel, capsys):
     """On a quantised base the kernel's path (the weight dequantised in the step for
@@ -234,9 +265,9 @@ def recorded_kernel(monkeypatch, fresh_rules):
     it was called with are recorded."""
     shapes = []
 
-    def kernel(x, w, h, at, *, w_transposed, **_):
+    def kernel(x, w, h, at, *, w_transposed, groups=1, **_):
         shapes.append((x.shape, w.shape))
-        return _mosaic.reference_matmul(x, w, h, at, w_transposed=w_transposed)
+        return _mosaic.reference_matmul(x, w, h, at, w_transposed=w_transposed, groups=groups)
 
     monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
     monkeypatch.setattr(_mosaic, "_kernel", kernel)
@@ -349,15 +380,18 @@ def test_other_products_take_xlas_path(case, getkey, monkeypatch, fresh_rules):
     assert "custom_vjp_call" not in jaxpr
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "int8", "nf4"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "lokr", "int8", "nf4"])
 def test_kernel_lowers_for_cuda(variant, getkey, monkeypatch, fresh_rules):
     """Lowered for CUDA (no GPU needed), a training step's forward and input gradient
     are each one Mosaic GPU kernel, and no activation-sized product is left besides."""
     monkeypatch.setattr(_mosaic, "_on_hopper", lambda: True)
-    options = {"lora": {}, "dora": {"method": "dora"}}.get(variant, {"quant": variant})
+    options = {"lora": {}, "dora": {"method": "dora"}, "lokr": LOKR}.get(
+        variant, {"quant": variant}
+    )
     model = adapted(getkey(), **options)
     params, frozen = lora.partition(model)
-    x = jnp.ones((TOKENS, IN), jnp.bfloat16)
+    out, inp = options.get("out", OUT), options.get("inp", IN)
+    x = jnp.ones((TOKENS, inp), jnp.bfloat16)
 
     def step(p, x):
         return jax.grad(lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), argnums=(0, 1))(
@@ -370,7 +404,7 @@ def test_kernel_lowers_for_cuda(variant, getkey, monkeypatch, fresh_rules):
     dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
     # Only the thin products remain (XLA's path has four activation-sized products
     # here: the forward's two and the input gradient's two).
-    activation = (f"tensor<{TOKENS}x{OUT}x", f"tensor<{TOKENS}x{IN}x")
+    activation = (f"tensor<{TOKENS}x{out}x", f"tensor<{TOKENS}x{inp}x")
     big = [line for line in dots if line.split("->")[-1].strip().startswith(activation)]
     assert not big, big
 
@@ -398,6 +432,7 @@ GPU_VARIANTS = {
     "lora": {},
     "ensemble": {},  # `jax.vmap` over two models
     "dora": {"method": "dora"},
+    "lokr": {k: v for k, v in LOKR.items() if k not in ("out", "inp")},
     "int8": {"quant": "int8"},
     "transposed": {},  # `x @ w.T` in the model
 }
