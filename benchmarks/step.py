@@ -13,10 +13,10 @@ process; the table gives the median of each, its ratio to the floor and its memo
 
 Rows (`--only` names): floor, lora, dora, lokr, loha, lokr-default, qlora-nf4,
 qlora-int8, qlora-nf4-remat, lora-remat, lora-mosaic, lora-mosaic-remat, dora-mosaic,
-lokr-mosaic, qlora-nf4-mosaic, qlora-int8-mosaic (the `-mosaic` rows: `kernel="mosaic"`, the fused
-kernel on a Hopper GPU, elsewhere the same as without), quax, full, torch-floor,
-torch-floor-compile, peft, peft-compile. The torch rows need `torch` and `peft`; they
-are skipped with a note when either does not import.
+lokr-mosaic, loha-mosaic, qlora-nf4-mosaic, qlora-int8-mosaic (the `-mosaic` rows:
+`kernel="mosaic"`, the fused kernel on a Hopper GPU, elsewhere the same as without),
+quax, full, torch-floor, torch-floor-compile, peft, peft-compile. The torch rows need
+`torch` and `peft`; they are skipped with a note when either does not import.
 """
 
 import argparse
@@ -70,6 +70,7 @@ ROWS = (
     "lora-mosaic-remat",
     "dora-mosaic",
     "lokr-mosaic",
+    "loha-mosaic",
     "qlora-nf4-mosaic",
     "qlora-int8-mosaic",
     "quax",
@@ -493,6 +494,12 @@ def main(preset, rounds, only):
         "lokr-mosaic",
         f"lora_jax lokr (rank {lokr_rank}, decompose_factor={LOKR_FACTOR}), kernel='mosaic'",
         lambda: adapted(model, lokr_rank, "lokr", kernel="mosaic", **lokr_options),
+    )
+    _, loha_rank, _ = method_configs(r)["loha"]
+    add(
+        "loha-mosaic",
+        f"lora_jax loha (rank {loha_rank}), kernel='mosaic'",
+        lambda: adapted(model, loha_rank, "loha", kernel="mosaic"),
     )
     for qmethod in ("nf4", "int8"):
         add(

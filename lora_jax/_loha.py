@@ -10,10 +10,12 @@ import jax.random as jr
 import quax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
+from . import _mosaic
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._dropout import module_keep, unit_mask
 from ._rules import Dims, lowrank_product, plain_product, product_sharding, result_order
 from ._validate import (
+    check_choice,
     check_dtype,
     check_flags,
     check_key,
@@ -50,6 +52,7 @@ class LohaArray(AbstractAdapter):
     transposed: bool = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
+    kernel: str = eqx.field(static=True, default="xla")
 
     trainable_fields = ("w1a", "w1b", "w2a", "w2b")
 
@@ -67,6 +70,7 @@ class LohaArray(AbstractAdapter):
         dtype=None,
         allow_materialise: bool = False,
         stop_gradient: bool = True,
+        kernel: str = "xla",
     ):
         """**Arguments:**
 
@@ -88,6 +92,9 @@ class LohaArray(AbstractAdapter):
             concerns convolutions and has no effect on a matrix.
         - `dtype`: the factors' dtype. Defaults to the weight's.
         - `allow_materialise`, `stop_gradient`: as for [`lora_jax.LoraArray`][].
+        - `kernel`: `"xla"` (the default) or `"mosaic"`: as for
+            [`lora_jax.LoraArray`][], applied to the equivalent rank-`r²` LoRA, so
+            where `r² ≤ 64` (rank 8 or less).
 
         !!! Example
 
@@ -115,6 +122,7 @@ class LohaArray(AbstractAdapter):
         check_flags(allow_materialise=allow_materialise, stop_gradient=stop_gradient)
         check_probability(rank_dropout, "rank_dropout")
         check_probability(module_dropout, "module_dropout")
+        check_choice(kernel, "kernel", ("xla", "mosaic"))
         dtype = check_dtype(dtype, weight.dtype)
         *batch, out, inp = weight.shape
         k1, k2, k3, k4 = jr.split(key, 4)
@@ -140,6 +148,7 @@ class LohaArray(AbstractAdapter):
         self.dropout_key = None
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
+        self.kernel = kernel
 
     @property
     def rank(self) -> int:
@@ -169,6 +178,13 @@ class LohaArray(AbstractAdapter):
             if self.module_dropout > 0:
                 keep = module_keep(k_module, self.module_dropout, tuple(lead), a.dtype)
                 a = a * keep[..., None, None]
+        # The kernel's gradient stops at `w`: a trained base takes XLA's path. Both
+        # dropouts act on the factors, so the kernel takes them as they are.
+        if self.kernel == "mosaic" and self.stop_gradient:
+            scaling = lax.stop_gradient(self.scaling)
+            out = _mosaic.product(self.w, a, b, scaling, other, dims, params, 0.0)
+            if out is not None:
+                return out
         return _loha_dot(self.w, a, b, lax.stop_gradient(self.scaling), other, dims, params)
 
     def transpose(self, permutation, *, swap):
