@@ -361,6 +361,37 @@ def test_kernel_splits_over_devices(split, getkey, recorded_kernel):
 
 
 @EIGHT_DEVICES
+@pytest.mark.parametrize("split", ["rows", "columns"])
+def test_lokr_kernel_splits_over_devices(split, getkey, recorded_kernel):
+    """LoKr's block-diagonal low-rank term under sharding: rows are split as for LoRA;
+    a column-parallel weight is gathered for the kernel, whose column groups stay
+    whole. Each device calls the kernel on its rows against the whole weight, and the
+    step equals XLA's path's."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    put = lambda v, *spec: jax.device_put(v, NamedSharding(mesh, P(*spec)))  # noqa: E731
+    out, inp = LOKR["out"], LOKR["inp"]
+    key, x = getkey(), put(jr.normal(getkey(), (2 * TOKENS, inp), jnp.bfloat16), "data", None)
+    results = []
+    for kernel in ("mosaic", "xla"):
+        params, frozen = lora.partition(adapted(key, kernel=kernel, **LOKR))
+        if split == "columns":
+            weight = put(frozen.weight._w, "tensor", None)
+            frozen = eqx.tree_at(lambda m: m.weight._w, frozen, weight)
+        step = jax.jit(
+            jax.value_and_grad(
+                lambda p, x: quax.quaxify(loss)(eqx.combine(p, frozen), x), argnums=(0, 1)
+            )
+        )
+        results.append(step(params, x))
+    assert ((TOKENS, inp), (out, inp)) in recorded_kernel, recorded_kernel
+    for got, want in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+        np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * float(jnp.abs(want).max()))
+
+
+@EIGHT_DEVICES
 def test_explicitly_sharded_products_take_xlas_path(getkey, recorded_kernel):
     """On a mesh with explicit axes (sharding in types) every product must say how its
     result is sharded, which XLA's path does: a sharded input takes it."""
