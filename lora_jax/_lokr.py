@@ -500,15 +500,15 @@ def _kernel_product(w, w1, w2, scaling, transposed: bool, other, dims: Dims, par
     column groups from the rows' `i`-th rank block."""
     if transposed or not isinstance(w2, tuple) or jnp.ndim(scaling):
         return None
-    w1 = _full(w1)
     w2_a, w2_b = w2
-    (q1, p1), (q2, r), p2 = w1.shape, w2_a.shape, w2_b.shape[1]
-    if w1.size > _SMALL_W1 or r > _mosaic.PAD:
+    (q1, p1), (q2, r), p2 = _shape(w1), w2_a.shape, w2_b.shape[1]
+    if q1 * p1 > _SMALL_W1 or r > _mosaic.PAD:
         return None
-    layout = _mosaic.kernel_layout(w, (w1, w2_a, w2_b), other, dims, params)
+    layout = _mosaic.kernel_layout(w, jax.tree.leaves((w1, w2)), other, dims, params)
     if layout is None or layout[0]:
         return None
     perm = layout[1]
+    w1 = _full(w1)
     lead = other.shape[:-1]
     rows = math.prod(lead)
     if not _mosaic.rows_tile(rows, q1 * q2, p1 * p2) or q2 % _mosaic.TILE_N:
