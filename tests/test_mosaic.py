@@ -98,9 +98,10 @@ def assert_matches_xlas_path(fused, xla, f, x):
         np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
 
 
-def test_kernel_option_is_checked(getkey):
+@pytest.mark.parametrize("cls", [lora.LoraArray, lora.DoraArray, lora.LokrArray, lora.LohaArray])
+def test_kernel_option_is_checked(cls, getkey):
     with pytest.raises(ValueError, match="`kernel` must be one of 'xla', 'mosaic'"):
-        lora.LoraArray(jnp.ones((4, 4)), rank=2, key=getkey(), kernel="triton")
+        cls(jnp.ones((4, 4)), rank=2, key=getkey(), kernel="triton")
 
 
 @pytest.mark.parametrize("lead", [(TOKENS,), (2, TOKENS // 2)], ids=["tokens", "batch-tokens"])
@@ -249,9 +250,9 @@ def test_quantised_base_matches_xlas_path(quant, getkey, plain_kernel, capsys):
     assert all(line.startswith(("i8", "u8")) for line in dense), saved
 
 
-def ensemble(kernel, key, size=2):
+def ensemble(kernel, key, size=2, **options):
     """`size` adapted layers stacked on a leading axis, as `jax.vmap` takes them."""
-    return eqx.filter_vmap(lambda k: adapted(k, kernel=kernel))(jr.split(key, size))
+    return eqx.filter_vmap(lambda k: adapted(k, kernel=kernel, **options))(jr.split(key, size))
 
 
 def ensemble_loss(params, frozen, x):
@@ -293,21 +294,24 @@ def recorded_kernel(monkeypatch, fresh_rules):
     return shapes
 
 
+@pytest.mark.parametrize("method", ["lora", "lokr"])
 @pytest.mark.parametrize("batched", ["models", "inputs"])
-def test_kernel_under_vmap_takes_one_matrix_at_a_time(batched, getkey, recorded_kernel):
+def test_kernel_under_vmap_takes_one_matrix_at_a_time(batched, method, getkey, recorded_kernel):
     """Under `jax.vmap` the kernel is called on 2-D operands only (its sharding rule
     cannot be batched): an ensemble of models loops over its matrices, a batch of
     inputs against one model is one call over all their rows. Output and gradients
-    equal XLA's path's."""
+    equal XLA's path's (LoKr's grouped low-rank term too)."""
     shapes = recorded_kernel
-    key, x = getkey(), jr.normal(getkey(), (2, TOKENS, IN), jnp.bfloat16)
+    options = LOKR if method == "lokr" else {}
+    inp = options.get("inp", IN)
+    key, x = getkey(), jr.normal(getkey(), (2, TOKENS, inp), jnp.bfloat16)
     results = []
     for kernel in ("mosaic", "xla"):
         if batched == "models":
-            params, frozen = lora.partition(ensemble(kernel, key))
+            params, frozen = lora.partition(ensemble(kernel, key, **options))
             f = ensemble_loss
         else:
-            params, frozen = lora.partition(adapted(key, kernel=kernel))
+            params, frozen = lora.partition(adapted(key, kernel=kernel, **options))
             f = lambda p, fz, x: jnp.sum(  # noqa: E731
                 jax.vmap(lambda x: quax.quaxify(loss)(eqx.combine(p, fz), x))(x)
             )
