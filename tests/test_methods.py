@@ -141,8 +141,10 @@ def _check_gradients(v, x):
     got = jax.jit(jax.grad(loss, argnums=(0, 1)))(trainable(v), x)
     expected = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))(trainable(v), x)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        # float32 sums of O(50) terms: tolerance relative to the largest entry.
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * (1 + np.abs(e).max()))
+        # float32 sums of O(50) terms, summed in another order by each side (and each
+        # backend: a GPU's differ by up to 1.6e-5 of the largest entry): tolerance
+        # relative to the largest entry.
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=3e-5 * (1 + np.abs(e).max()))
 
 
 def _adapter(variant, getkey, shape=(OUT, IN)):
