@@ -190,13 +190,17 @@ def test_dora_matches_xlas_path(lead, getkey, plain_kernel):
         assert_matches_xlas_path(fused, xla, f, x)
 
 
-@pytest.mark.parametrize("lead", [(TOKENS,), (2, TOKENS // 2)], ids=["tokens", "batch-tokens"])
-def test_lokr_matches_xlas_path(lead, getkey, plain_kernel):
+@pytest.mark.parametrize(
+    "lead, quant",
+    [((TOKENS,), None), ((2, TOKENS // 2), None), ((TOKENS,), "int8"), ((TOKENS,), "nf4")],
+    ids=["tokens", "batch-tokens", "int8-base", "nf4-base"],
+)
+def test_lokr_matches_xlas_path(lead, quant, getkey, plain_kernel):
     """LoKr with `kernel="mosaic"`: `w2_b` and `w1` are applied by XLA to a rank-sized
     tensor and the kernel adds `1 ⊗ w2_a` as a block-diagonal low-rank term; output and
-    gradients (every factor's) equal XLA's path's."""
+    gradients (every factor's) equal XLA's path's, on a quantised base too."""
     key = getkey()
-    fused, xla = (adapted(key, kernel=k, **LOKR) for k in ("mosaic", "xla"))
+    fused, xla = (adapted(key, kernel=k, quant=quant, **LOKR) for k in ("mosaic", "xla"))
     assert fused.weight.w2 is None and fused.weight.w1.shape == (4, 4)
     x = jr.normal(getkey(), (*lead, LOKR["inp"]), jnp.bfloat16)
     assert_matches_xlas_path(fused, xla, loss, x)
