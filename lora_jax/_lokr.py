@@ -511,7 +511,7 @@ def _kernel_product(w, w1, w2, scaling, transposed: bool, other, dims: Dims, par
     w1 = _full(w1)
     lead = other.shape[:-1]
     rows = math.prod(lead)
-    if not _mosaic.rows_tile(rows, q1 * q2, p1 * p2) or q2 % _mosaic.TILE_N:
+    if not _mosaic.tiles(rows, q1 * q2, p1 * p2, groups=q1):
         return None
     m1 = scaling.astype(w1.dtype) * w1
     y = _fused_lokr(other.reshape(rows, p1 * p2), w, m1, w2_a, w2_b)

@@ -32,7 +32,7 @@ from ._rules import Dims, result_order
 
 
 PAD = 64  # the low-rank term's contraction: Mosaic's bf16 wgmma takes multiples of 64
-_TILE_M, TILE_N, _TILE_K, _STAGES = 128, 128, 64, 3  # the best of those measured
+_TILE_M, _TILE_N, _TILE_K, _STAGES = 128, 128, 64, 3  # the best of those measured
 _H100_SMS = 132  # streaming multiprocessors, for lowering where no GPU is attached
 
 
@@ -70,7 +70,7 @@ def lora_matmul(
     *,
     w_transposed: bool,
     tile_m: int = _TILE_M,
-    tile_n: int = TILE_N,
+    tile_n: int = _TILE_N,
     tile_k: int = _TILE_K,
     stages: int = _STAGES,
     sms: int | None = None,
@@ -355,8 +355,7 @@ def matmul_or_xla(x, w, h, at, *, w_transposed: bool, groups: int = 1):
     that is a multiple of 64 but not of 128)."""
     m, k = x.shape
     n = w.shape[0] if w_transposed else w.shape[1]
-    tiles = _tiles(m, n, k, _TILE_M, TILE_N, _TILE_K, groups)
-    matmul = lora_matmul if tiles else reference_matmul
+    matmul = lora_matmul if tiles(m, n, k, groups) else reference_matmul
     return matmul(x, w, h, at, w_transposed=w_transposed, groups=groups)
 
 
@@ -442,10 +441,11 @@ def kernel_layout(w, factors, other, dims: Dims, params):
     return inner.adapter_contract == (0,), perm
 
 
-def rows_tile(rows: int, out: int, inp: int) -> bool:
-    """Whether a product of `rows` rows (all leading axes together) with an `(out, in)`
-    matrix tiles the kernel's forward (its input gradient may still not)."""
-    return not (rows % (2 * _TILE_M) or out % TILE_N or inp % _TILE_K)
+def tiles(m: int, n: int, k: int, groups: int = 1) -> bool:
+    """Whether `lora_matmul` at its default tiles takes an `(m, k)` input and an output
+    `n` wide (in `groups` column groups): for a forward, `m` the rows (all leading
+    axes together), `n = out`, `k = in` (the input gradient may still not tile)."""
+    return _tiles(m, n, k, _TILE_M, _TILE_N, _TILE_K, groups)
 
 
 def product(w, a, b, scaling, other, dims: Dims, params, rate: float):
@@ -466,7 +466,7 @@ def product(w, a, b, scaling, other, dims: Dims, params, rate: float):
         w, a, b = w.T, b.T, a.T
     (out, inp), lead = w.shape, other.shape[:-1]
     rows = math.prod(lead)
-    if not rows_tile(rows, out, inp):
+    if not tiles(rows, out, inp):
         return None
     y = fused_linear(other.reshape(rows, inp), w, a, b, jnp.asarray(scaling, jnp.float32))
     y = y.reshape(*lead, out)
