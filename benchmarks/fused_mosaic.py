@@ -100,7 +100,9 @@ def check():
     ref = jax.grad(loss(xla_linear), argnums=(0, 1, 2))(x, a, b)
     errs = [rel_err(g, r) for g, r in zip(got, ref)]
     print("gradients (x, a, b), custom_vjp against dense: " + ", ".join(f"{e:.1e}" for e in errs))
-    assert max(errs) < 1e-5 and forward_err < 1e-5
+    # The gradients go through sin' of outputs up to ~160 in size: a float32 rounding
+    # of the forward (another summation order) moves them by ~1e-5 of their largest.
+    assert max(errs) < 1e-4 and forward_err < 1e-5
 
 
 def bench(f, args, n=20, reps=7):
