@@ -6,6 +6,7 @@ from . import _rules as _rules  # registers the shared dispatch rules
 from ._base import AbstractAdapter as AbstractAdapter, is_adapter as is_adapter
 from ._conv import LoraConvArray as LoraConvArray
 from ._dora import DoraArray as DoraArray
+from ._dora_conv import DoraConvArray as DoraConvArray
 from ._dropout import with_dropout_keys as with_dropout_keys
 from ._embedding import LoraEmbeddingArray as LoraEmbeddingArray
 from ._filters import partition as partition, trainable_mask as trainable_mask

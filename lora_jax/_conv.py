@@ -166,10 +166,10 @@ class LoraConvArray(AbstractAdapter):
         return self.b.shape[0]
 
     def delta(self) -> Array:
-        return _conv_delta(self.a, self.b, self.form, lax.stop_gradient(self.scaling))
+        return conv_delta(self.a, self.b, self.form, lax.stop_gradient(self.scaling))
 
 
-def _conv_delta(a, b, form, scaling):
+def conv_delta(a, b, form, scaling):
     """`Δ[o, i, *p] = Σ_r a[o, r, *p_a] b[r, i, *p_b]`, written as one einsum."""
     n = a.ndim - 2
     m = conv_split(form, n)
@@ -206,7 +206,7 @@ def _factor_params(params, axes: set[int], lhs_spec, rhs_spec, out_spec, groups)
 
 
 @quax.quaxify
-def _lora_conv(lhs, w, a, b, scaling, form, params):
+def lora_conv(lhs, w, a, b, scaling, form, params):
     out = lax.conv_general_dilated_p.bind(lhs, w, **params)
     dn = params["dimension_numbers"]
     groups = params["feature_group_count"]
@@ -224,26 +224,32 @@ def _lora_conv(lhs, w, a, b, scaling, form, params):
     return out + delta.astype(out.dtype)
 
 
-@quax.register(lax.conv_general_dilated_p)
-def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraConvArray, **params):
+def check_conv_params(params) -> bool:
+    """Whether a conv with an adapted kernel takes the factored rule: the kernel read
+    in the adapter's layout `(out, in, *kernel)`. Refuses a `batch_group_count`."""
     if params["batch_group_count"] != 1:
         raise ValueError(
             "A LoRA conv kernel supports `batch_group_count=1` only, got "
             f"{params['batch_group_count']}."
         )
-    if not _identity_spec(params["dimension_numbers"].rhs_spec):
+    return _identity_spec(params["dimension_numbers"].rhs_spec)
+
+
+@quax.register(lax.conv_general_dilated_p)
+def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraConvArray, **params):
+    if not check_conv_params(params):
         # The kernel is read in another layout than the adapter's (out, in, *kernel):
         # no factored rule; materialise (refuses unless `allow_materialise`).
-        return _dense_conv(lhs, rhs.materialise(), params)
-    return _lora_conv(lhs, rhs.w, rhs.a, rhs.b, lax.stop_gradient(rhs.scaling), rhs.form, params)
+        return dense_conv(lhs, rhs.materialise(), params)
+    return lora_conv(lhs, rhs.w, rhs.a, rhs.b, lax.stop_gradient(rhs.scaling), rhs.form, params)
 
 
 @quax.register(lax.conv_general_dilated_p)
 def _(lhs: LoraConvArray, rhs: ArrayLike | quax.ArrayValue, **params):
     # A kernel used as the input image: no factored rule.
-    return _dense_conv(lhs.materialise(), rhs, params)
+    return dense_conv(lhs.materialise(), rhs, params)
 
 
 @quax.quaxify
-def _dense_conv(lhs, rhs, params):
+def dense_conv(lhs, rhs, params):
     return lax.conv_general_dilated_p.bind(lhs, rhs, **params)

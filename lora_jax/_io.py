@@ -29,6 +29,7 @@ from jaxtyping import PyTree
 from ._base import AbstractAdapter, is_adapter
 from ._conv import LoraConvArray
 from ._dora import DoraArray
+from ._dora_conv import DoraConvArray
 from ._embedding import LoraEmbeddingArray
 from ._filters import TrainBias, trainable_mask
 from ._loha import LohaArray
@@ -72,6 +73,7 @@ FORMATS: dict[type, AdapterFormat] = {
     LokrArray: AdapterFormat("lokr", ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "scaling")),
     LohaArray: AdapterFormat("loha", ("w1a", "w1b", "w2a", "w2b", "scaling")),
     LoraConvArray: AdapterFormat("lora_conv", ("a", "b", "scaling")),
+    DoraConvArray: AdapterFormat("dora_conv", ("a", "b", "m", "scaling")),
     LoraEmbeddingArray: AdapterFormat("lora_embedding", ("a", "b", "scaling")),
     MultiLoraArray: AdapterFormat(
         "multi_lora", ("a", "b", "scaling", "weights"), describe=_multi_facts

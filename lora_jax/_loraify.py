@@ -18,6 +18,7 @@ from jaxtyping import PRNGKeyArray, PyTree
 from ._base import is_adapter
 from ._conv import LoraConvArray
 from ._dora import DoraArray
+from ._dora_conv import DoraConvArray
 from ._embedding import LoraEmbeddingArray
 from ._loha import LohaArray
 from ._lokr import LokrArray
@@ -87,10 +88,21 @@ def _build_lora(weight, *, rank, alpha, key, layer, options):
     return LoraArray(weight, rank=rank, alpha=alpha, key=key, **options)
 
 
-def _linear_only(method: str, name: str, layer) -> None:
-    if not isinstance(layer, eqx.nn.Linear):
+# The layer types each method adapts (`None`: every kind); a method without a row,
+# Linear layers only.
+_METHOD_LAYERS: dict[str, tuple[type, ...] | None] = {
+    "lora": None,
+    "dora": (eqx.nn.Linear, eqx.nn.Conv),
+}
+
+
+def _check_layer_kind(method: str, name: str, layer) -> None:
+    kinds = _METHOD_LAYERS.get(method, (eqx.nn.Linear,))
+    # `eqx.nn.ConvTranspose` is not an `eqx.nn.Conv`: DoRA adapts `Conv1d/2d/3d` only.
+    if kinds is not None and not isinstance(layer, kinds):
+        names = " and ".join(f"eqx.nn.{k.__name__}" for k in kinds)
         raise ValueError(
-            f"`method={method!r}` adapts eqx.nn.Linear layers, but `where` selects "
+            f"`method={method!r}` adapts {names} layers, but `where` selects "
             f"{name!r}, an {type(layer).__name__}; {type(layer).__name__} "
             "layers take `method='lora'`. Leave them out of `where` or adapt them in a "
             "second `loraify` call with `method='lora'`."
@@ -107,6 +119,8 @@ def _option_names(method: str, layer) -> set[str] | None:
             cls = LoraEmbeddingArray
         else:
             cls = LoraArray
+    elif method == "dora" and isinstance(layer, eqx.nn.Conv):
+        cls = DoraConvArray
     else:
         cls = {"dora": DoraArray, "lokr": LokrArray, "loha": LohaArray}.get(method)
         if cls is None:
@@ -130,8 +144,8 @@ def _check_options(method: str, name: str, layer, options: dict) -> None:
 
 
 def _build_dora(weight, *, rank, alpha, key, layer, options):
-    del layer
-    return DoraArray(weight, rank=rank, alpha=alpha, key=key, **options)
+    cls = DoraConvArray if isinstance(layer, eqx.nn.Conv) else DoraArray
+    return cls(weight, rank=rank, alpha=alpha, key=key, **options)
 
 
 def _lycoris_options(method: str, options: dict) -> dict:
@@ -342,9 +356,12 @@ def loraify(
     - `scale`, `allow_materialise`, `stop_gradient`, `alpha`, `rslora`, `init`,
         `dtype`: as for [`lora_jax.LoraArray`][].
     - `method`: the adapter type: `"lora"` (the default, [`lora_jax.LoraArray`][]),
-        `"dora"` ([`lora_jax.DoraArray`][]), `"lokr"` ([`lora_jax.LokrArray`][]) or
-        `"loha"` ([`lora_jax.LohaArray`][]). LoKr and LoHa take PEFT's options as
-        `method_options` (`init_weights=`, `decompose_both=`, ...) and ignore `scale`.
+        `"dora"` ([`lora_jax.DoraArray`][]; a [`lora_jax.DoraConvArray`][] for
+        `eqx.nn.Conv1d/2d/3d`), `"lokr"` ([`lora_jax.LokrArray`][]) or `"loha"`
+        ([`lora_jax.LohaArray`][]). LoRA adapts every layer kind above, DoRA Linear
+        and Conv layers, LoKr and LoHa Linear layers. LoKr and LoHa take PEFT's
+        options as `method_options` (`init_weights=`, `decompose_both=`, ...) and
+        ignore `scale`.
     - `conv_form`: for convolutions with `method="lora"`, `"peft"` (the default) or
         `"balanced"`, as for [`lora_jax.LoraConvArray`][].
     - `where`: which layers to adapt, by dotted name built from the PyTree path
@@ -454,9 +471,8 @@ def loraify(
         dtype=dtype,
         **method_options,
     )
-    if method != "lora":
-        for name, layer in fresh:
-            _linear_only(method, name, layer)
+    for name, layer in fresh:
+        _check_layer_kind(method, name, layer)
     for name, layer in fresh:
         _check_options(method, name, layer, method_options)
     build = METHODS[method]

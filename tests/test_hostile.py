@@ -73,6 +73,7 @@ CONSTRUCTORS = {
     "LokrArray": (lora.LokrArray, (4, 6), (2, 4, 6)),
     "LohaArray": (lora.LohaArray, (3, 4), (4,)),
     "LoraConvArray": (lora.LoraConvArray, (2, 3, 3), (2, 3)),
+    "DoraConvArray": (lora.DoraConvArray, (2, 3, 3), (2, 3)),
     "LoraEmbeddingArray": (lora.LoraEmbeddingArray, (5, 4), (2, 5, 4)),
 }
 
@@ -215,6 +216,8 @@ CASES = [
     Case("loraify-option-embedding-dropout", "loraify", lambda c: lora.loraify(eqx.nn.Embedding(5, 3, key=c.key), rank=1, key=c.key, where=lambda n, l: True, dropout=0.1,), TypeError, "`dropout`"),
     Case("loraify-option-value", "loraify", _loraify(dropout=1.5), ValueError, "`dropout`"),
     Case("loraify-lokr-on-conv", "loraify", lambda c: lora.loraify(c.conv, rank=1, key=c.key, method="lokr", where=["0"]), ValueError, "`method='lokr'`"),
+    Case("loraify-dora-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="dora", where=["0"]), ValueError, "`method='dora'`"),
+    Case("loraify-dora-conv-dropout", "loraify", lambda c: lora.loraify(c.conv, rank=1, key=c.key, method="dora", where=["0"], dropout=0.1), TypeError, "`dropout`"),
     # find_targets
     Case("find_targets-no-layers", "find_targets", lambda c: lora.find_targets({"x": c.w}), ValueError, "`model`"),
     Case("find_targets-where", "find_targets", lambda c: lora.find_targets(c.mlp, where=3), TypeError, "`where`"),

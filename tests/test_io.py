@@ -288,21 +288,21 @@ METHOD_CASES = {
         m, rank=2, alpha=5.0, method="loha", key=k, rank_pattern={"head": 3}
     ),
     "conv_embedding": lambda m, k: lora.loraify(m, rank=2, key=k, where=["conv", "emb"]),
+    "dora_conv": lambda m, k: lora.loraify(m, rank=2, key=k, method="dora", where=["conv"]),
 }
 
 
 @pytest.mark.parametrize("case", list(METHOD_CASES), ids=list(METHOD_CASES))
 def test_every_method_roundtrip_bitwise(tmp_path, getkey, case):
     build = METHOD_CASES[case]
-    base = _layers_model(getkey()) if case == "conv_embedding" else Net(getkey())
+    base = _layers_model(getkey()) if case in ("conv_embedding", "dora_conv") else Net(getkey())
     saved = randomise_model(build(base, getkey()), getkey())
     path = tmp_path / "adapter.safetensors"
     lora.save_adapter(path, saved)
     _, meta = lio.read_safetensors(path)
     methods = {e["method"] for e in json.loads(meta["adapters"]).values()}
-    assert methods == (
-        {"lora_conv", "lora_embedding"} if case == "conv_embedding" else {case.split("_")[0]}
-    )
+    expected = {"conv_embedding": {"lora_conv", "lora_embedding"}, "dora_conv": {"dora_conv"}}
+    assert methods == expected.get(case, {case.split("_")[0]})
     # A model adapted the same way with other values takes the saved ones, bitwise.
     fresh = build(base, getkey())
     assert not _equal_bytes(fresh, saved)

@@ -1,4 +1,5 @@
-"""LoRA on every supported layer kind, through one table of rows and the same checks:
+"""LoRA on every supported layer kind (and DoRA on convolutions), through one table of
+rows and the same checks:
 forward and factor gradients against the layer run with a dense merged weight written
 plainly here, no-op at init, materialise, training with a frozen base, parameter counts,
 no materialised weight in the jaxpr, no recompiles."""
@@ -70,10 +71,11 @@ def _images(channels, *spatial, batch=2):
     return lambda key: jr.normal(key, (batch, channels, *spatial))
 
 
-def _conv_rows(id, make, inputs, forms=("peft", "balanced")):
+def _conv_rows(id, make, inputs, forms=("peft", "balanced"), dora=True):
     # Conv1d has one form only: "balanced" puts its single kernel axis on `in`'s side,
-    # which is "peft" (see `lora_jax/_conv.py`).
-    return [
+    # which is "peft" (see `lora_jax/_conv.py`). DoRA takes the "peft" form; its
+    # magnitudes add one parameter per output channel.
+    rows = [
         Row(
             f"{id}-{form}",
             make,
@@ -85,6 +87,19 @@ def _conv_rows(id, make, inputs, forms=("peft", "balanced")):
         )
         for form in forms
     ]
+    if dora:
+        rows.append(
+            Row(
+                f"{id}-dora",
+                make,
+                inputs,
+                _batched,
+                conv_delta,
+                lambda layer, r: _conv_count(layer, r) + layer.weight.shape[0],
+                {"method": "dora"},
+            )
+        )
+    return rows
 
 
 ROWS = [
@@ -125,6 +140,7 @@ ROWS = [
             3, 4, (3, 2), stride=2, padding=1, output_padding=1, key=k
         ),
         _images(3, 5, 4),
+        dora=False,  # PEFT's DoRA adapts Conv1d/2d/3d, not transposed convs
     ),
     Row(
         "embedding-scalar",
@@ -155,18 +171,31 @@ def _adapt(row, key, **kwargs):
     return layer, adapted
 
 
-def _dense_layer(layer, adapter, a=None, b=None):
-    """The plain layer holding `w + s·Δ` built here from the factors."""
-    a = adapter.a if a is None else a
-    b = adapter.b if b is None else b
+def _dense_layer(layer, adapter, **fields):
+    """The plain layer holding the adapted weight built here from the factors (`fields`
+    overriding the adapter's): `w + s·Δ`, or DoRA's `m ⊙ V / ‖V‖` with `V = w + s·Δ`,
+    the norm per output channel over every other axis and detached from the graph."""
+    get = lambda f: fields.get(f, getattr(adapter, f))  # noqa: E731
+    a, b = get("a"), get("b")
     merged = adapter._w + adapter.scaling * (
         conv_delta(a, b) if adapter._w.ndim > 2 else matrix_delta(a, b)
     )
+    if isinstance(adapter, lora.DoraConvArray):
+        axes = tuple(range(1, merged.ndim))
+        norm = lax.stop_gradient(jnp.sqrt(jnp.sum(merged * merged, axis=axes, keepdims=True)))
+        merged = get("m").reshape(-1, *(1,) * len(axes)) * merged / norm
     return eqx.tree_at(lambda l: l.weight, layer, merged)
 
 
-def _with_factors(adapted, a, b):
-    return eqx.tree_at(lambda l: (l.weight.a, l.weight.b), adapted, (a, b))
+def _trained(adapter) -> tuple[str, ...]:
+    return type(adapter).trainable_fields
+
+
+def _with_factors(adapted, **fields):
+    names = list(fields)
+    return eqx.tree_at(
+        lambda l: [getattr(l.weight, n) for n in names], adapted, [fields[n] for n in names]
+    )
 
 
 def _run(adapted, x, row):
@@ -206,16 +235,19 @@ def test_factor_gradients_match_dense(row, getkey):
     lw = adapted.weight
     target = jr.normal(getkey(), jax.eval_shape(row.apply, layer, x).shape)
 
-    def adapted_loss(a, b):
-        return jnp.sum((_run(_with_factors(adapted, a, b), x, row) - target) ** 2)
+    fields = {f: getattr(lw, f) for f in _trained(lw)}
 
-    def dense_loss(a, b):
-        return jnp.sum((row.apply(_dense_layer(layer, lw, a, b), x) - target) ** 2)
+    def adapted_loss(fields):
+        return jnp.sum((_run(_with_factors(adapted, **fields), x, row) - target) ** 2)
 
-    got = jax.jit(jax.grad(adapted_loss, argnums=(0, 1)))(lw.a, lw.b)
-    expected = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))(lw.a, lw.b)
-    for g, e in zip(got, expected):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+    def dense_loss(fields):
+        return jnp.sum((row.apply(_dense_layer(layer, lw, **fields), x) - target) ** 2)
+
+    got = jax.jit(jax.grad(adapted_loss))(fields)
+    expected = jax.jit(jax.grad(dense_loss))(fields)
+    assert set(got) == set(_trained(lw))
+    for f in fields:
+        np.testing.assert_allclose(got[f], expected[f], rtol=1e-4, atol=1e-4, err_msg=f)
 
 
 @pytest.mark.parametrize("init", ["quax", "peft", "gaussian"])
