@@ -6,6 +6,7 @@ import json
 import math
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
@@ -795,3 +796,47 @@ def test_put_into_stack_errors(tmp_path, getkey):
         lora.load_peft(tmp_path / "dora", both, adapter="de")
     with pytest.raises(ValueError, match="but `model` has none"):
         lora.load_peft(tmp_path / "two", base, adapter="de")
+
+
+def test_dora_conv_equals_peft_forward(getkey):
+    """PEFT's DoRA Conv2d and a `DoraConvArray` holding its tensors give one output:
+    the norm taken per output channel over the input channels and the window, the
+    magnitudes scaling the conv LoRA's output (PEFT's `lora_A` is our `b`, its
+    `lora_B` our `a`, its `lora_magnitude_vector` our `m`). Ungrouped: for a grouped
+    conv PEFT's `lora_A` sees every input channel, an update it cannot merge into the
+    grouped kernel; ours keeps the kernel's groups."""
+    out, inp, rank, alpha = 6, 4, 2, 3.0
+    conv = torch.nn.Sequential(torch.nn.Conv2d(inp, out, 3, stride=2, padding=1, bias=False))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_dora=True)
+    model = peft.get_peft_model(conv, config)
+    layer = model.base_model.model[0]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+            p.copy_(torch.randn(p.shape, generator=g))
+        magnitude = layer.lora_magnitude_vector["default"].weight
+        magnitude.copy_(torch.rand(magnitude.shape, generator=g) + 0.5)
+    x = np.random.default_rng(0).standard_normal((2, inp, 9, 9)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+
+    ours = eqx.nn.Conv2d(inp, out, 3, stride=2, padding=1, use_bias=False, key=getkey())
+    ours = eqx.tree_at(
+        lambda c: c.weight, ours, jnp.asarray(layer.base_layer.weight.detach().numpy())
+    )
+    ours = lora.loraify(
+        ours, rank=rank, alpha=alpha, key=getkey(), method="dora", where=lambda n, l: True
+    )
+    held = lambda p: jnp.asarray(p.detach().numpy())  # noqa: E731
+    ours = eqx.tree_at(
+        lambda c: (c.weight.a, c.weight.b, c.weight.m),
+        ours,
+        (
+            held(layer.lora_B["default"].weight),
+            held(layer.lora_A["default"].weight),
+            held(magnitude).reshape(out),
+        ),
+    )
+    assert isinstance(ours.weight, lora.DoraConvArray)
+    got = quax.quaxify(lambda m, x: jax.vmap(m)(x))(ours, jnp.asarray(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
