@@ -6,10 +6,15 @@ images 32×32; LoRA rank 8 on every conv. The step is forward + gradient of the 
 model's forward plus the gradient with respect to its input (`jax.vjp` wrt the input
 only; no weight gradients). Runs are interleaved; the median of each is reported.
 
-    PYTHONPATH=. python benchmarks/conv_step.py [--form peft|balanced] [--runs 20]
+    PYTHONPATH=. python benchmarks/conv_step.py [--form peft|balanced] [--method lora|dora]
+        [--runs 20]
+
+DoRA (`--method dora`) takes the "peft" form.
 """
 
 import argparse
+import pathlib
+import sys
 import time
 
 import equinox as eqx
@@ -20,7 +25,9 @@ import numpy as np
 import optax
 import quax
 
-import lora_jax as lora
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout
+import lora_jax as lora  # noqa: E402
 
 
 class Net(eqx.Module):
@@ -40,6 +47,7 @@ class Net(eqx.Module):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--form", default="peft", choices=["peft", "balanced"])
+    parser.add_argument("--method", default="lora", choices=["lora", "dora"])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--width", type=int, default=64)
@@ -58,7 +66,8 @@ def main():
         key=jr.key(3),
         init="peft",
         where=lambda name, layer: isinstance(layer, eqx.nn.Conv),
-        conv_form=args.form,
+        method=args.method,
+        **({"conv_form": args.form} if args.method == "lora" else {}),
     )
     params, frozen = lora.partition(model)
     opt = optax.adam(1e-3)
@@ -98,10 +107,10 @@ def main():
         t_floor.append(timed(base))
     s, f = np.median(t_step), np.median(t_floor)
     print(
-        f"form={args.form} batch={args.batch} {args.width}ch {args.size}x{args.size} "
-        f"rank={args.rank} devices={jax.devices()[0].platform}"
+        f"method={args.method} form={args.form} batch={args.batch} {args.width}ch "
+        f"{args.size}x{args.size} rank={args.rank} devices={jax.devices()[0].platform}"
     )
-    print(f"lora step  median {s * 1e3:8.2f} ms")
+    print(f"{args.method} step  median {s * 1e3:8.2f} ms")
     print(f"conv floor median {f * 1e3:8.2f} ms")
     print(f"ratio {s / f:.3f}")
 

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = ["lora", "dora", "lokr-default", "qlora-nf4", "lora-remat", "lora-mosaic", "quax", "full"]
@@ -38,6 +40,14 @@ def test_step_tiny(tmp_path):
     ratios = re.findall(r"^\| (.+?) \| [\d,]+ \| [\d.]+ \| ([\d.]+) \|", table, re.M)
     assert len(ratios) == len(ROWS) + 1, table  # and the floor
     assert all(float(r) > 0 for _, r in ratios), table
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_conv_step_tiny(method):
+    args = ["--method", method, "--batch", "2", "--width", "8", "--size", "8", "--runs", "2"]
+    run = run_script("conv_step.py", *args)
+    assert re.search(rf"^{method} step  median +[\d.]+ ms$", run.stdout, re.M), run.stdout
+    assert float(re.search(r"^ratio ([\d.]+)$", run.stdout, re.M).group(1)) > 0
 
 
 def test_profile_tiny(tmp_path):
