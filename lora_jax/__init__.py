@@ -12,6 +12,7 @@ from ._embedding import LoraEmbeddingArray as LoraEmbeddingArray
 from ._filters import partition as partition, trainable_mask as trainable_mask
 from ._io import load_adapter as load_adapter, save_adapter as save_adapter
 from ._loha import LohaArray as LohaArray
+from ._loha_conv import LohaConvArray as LohaConvArray
 from ._lokr import LokrArray as LokrArray
 from ._lora import LoraArray as LoraArray
 from ._loraify import (

@@ -33,6 +33,7 @@ from ._dora_conv import DoraConvArray
 from ._embedding import LoraEmbeddingArray
 from ._filters import TrainBias, trainable_mask
 from ._loha import LohaArray
+from ._loha_conv import LohaConvArray
 from ._lokr import LokrArray
 from ._lora import LoraArray
 from ._multi import MultiLoraArray, select_adapter
@@ -74,6 +75,7 @@ FORMATS: dict[type, AdapterFormat] = {
     LohaArray: AdapterFormat("loha", ("w1a", "w1b", "w2a", "w2b", "scaling")),
     LoraConvArray: AdapterFormat("lora_conv", ("a", "b", "scaling")),
     DoraConvArray: AdapterFormat("dora_conv", ("a", "b", "m", "scaling")),
+    LohaConvArray: AdapterFormat("loha_conv", ("w1a", "w1b", "w2a", "w2b", "scaling")),
     LoraEmbeddingArray: AdapterFormat("lora_embedding", ("a", "b", "scaling")),
     MultiLoraArray: AdapterFormat(
         "multi_lora", ("a", "b", "scaling", "weights"), describe=_multi_facts

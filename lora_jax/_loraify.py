@@ -21,6 +21,7 @@ from ._dora import DoraArray
 from ._dora_conv import DoraConvArray
 from ._embedding import LoraEmbeddingArray
 from ._loha import LohaArray
+from ._loha_conv import LohaConvArray
 from ._lokr import LokrArray
 from ._lora import LoraArray
 from ._quant import is_quantised
@@ -93,12 +94,14 @@ def _build_lora(weight, *, rank, alpha, key, layer, options):
 _METHOD_LAYERS: dict[str, tuple[type, ...] | None] = {
     "lora": None,
     "dora": (eqx.nn.Linear, eqx.nn.Conv),
+    "loha": (eqx.nn.Linear, eqx.nn.Conv),
 }
 
 
 def _check_layer_kind(method: str, name: str, layer) -> None:
     kinds = _METHOD_LAYERS.get(method, (eqx.nn.Linear,))
-    # `eqx.nn.ConvTranspose` is not an `eqx.nn.Conv`: DoRA adapts `Conv1d/2d/3d` only.
+    # `eqx.nn.ConvTranspose` is not an `eqx.nn.Conv`: DoRA and LoHa adapt `Conv1d/2d/3d`
+    # only.
     if kinds is not None and not isinstance(layer, kinds):
         names = " and ".join(f"eqx.nn.{k.__name__}" for k in kinds)
         raise ValueError(
@@ -121,6 +124,8 @@ def _option_names(method: str, layer) -> set[str] | None:
             cls = LoraArray
     elif method == "dora" and isinstance(layer, eqx.nn.Conv):
         cls = DoraConvArray
+    elif method == "loha" and isinstance(layer, eqx.nn.Conv):
+        cls = LohaConvArray
     else:
         cls = {"dora": DoraArray, "lokr": LokrArray, "loha": LohaArray}.get(method)
         if cls is None:
@@ -170,8 +175,8 @@ def _build_lokr(weight, *, rank, alpha, key, layer, options):
 
 
 def _build_loha(weight, *, rank, alpha, key, layer, options):
-    del layer
-    return LohaArray(weight, rank=rank, alpha=alpha, key=key, **_lycoris_options("loha", options))
+    cls = LohaConvArray if isinstance(layer, eqx.nn.Conv) else LohaArray
+    return cls(weight, rank=rank, alpha=alpha, key=key, **_lycoris_options("loha", options))
 
 
 # method name -> builder(weight, *, rank, alpha, key, layer, options) -> adapter value.
@@ -358,8 +363,9 @@ def loraify(
     - `method`: the adapter type: `"lora"` (the default, [`lora_jax.LoraArray`][]),
         `"dora"` ([`lora_jax.DoraArray`][]; a [`lora_jax.DoraConvArray`][] for
         `eqx.nn.Conv1d/2d/3d`), `"lokr"` ([`lora_jax.LokrArray`][]) or `"loha"`
-        ([`lora_jax.LohaArray`][]). LoRA adapts every layer kind above, DoRA Linear
-        and Conv layers, LoKr and LoHa Linear layers. LoKr and LoHa take PEFT's
+        ([`lora_jax.LohaArray`][]; a [`lora_jax.LohaConvArray`][] for convs). LoRA
+        adapts every layer kind above, DoRA and LoHa Linear and Conv layers, LoKr
+        Linear layers. LoKr and LoHa take PEFT's
         options as `method_options` (`init_weights=`, `decompose_both=`, ...) and
         ignore `scale`.
     - `conv_form`: for convolutions with `method="lora"`, `"peft"` (the default) or

@@ -74,6 +74,7 @@ CONSTRUCTORS = {
     "LohaArray": (lora.LohaArray, (3, 4), (4,)),
     "LoraConvArray": (lora.LoraConvArray, (2, 3, 3), (2, 3)),
     "DoraConvArray": (lora.DoraConvArray, (2, 3, 3), (2, 3)),
+    "LohaConvArray": (lora.LohaConvArray, (2, 3, 3), (2, 3)),
     "LoraEmbeddingArray": (lora.LoraEmbeddingArray, (5, 4), (2, 5, 4)),
 }
 
@@ -113,7 +114,7 @@ def _constructor_cases(name):
         ),
         ("unknown-option", dict(foo=1), TypeError, "'foo'"),
     ]
-    if name not in ("LokrArray", "LohaArray"):
+    if name not in ("LokrArray", "LohaArray", "LohaConvArray"):
         cases += [
             ("init-unknown", dict(init="xavier"), ValueError, "`init`"),
             ("scale-str", dict(scale="big"), TypeError, "`scale`"),
@@ -126,7 +127,7 @@ def _constructor_cases(name):
             ("dropout-one", dict(dropout=1.0), ValueError, "`dropout`"),
             ("dropout-nan", dict(dropout=math.nan), ValueError, "`dropout`"),
         ]
-    if name in ("LokrArray", "LohaArray"):
+    if name in ("LokrArray", "LohaArray", "LohaConvArray"):
         cases += [
             ("rank_dropout", dict(rank_dropout=1.5), ValueError, "`rank_dropout`"),
             (
@@ -217,6 +218,8 @@ CASES = [
     Case("loraify-option-value", "loraify", _loraify(dropout=1.5), ValueError, "`dropout`"),
     Case("loraify-lokr-on-conv", "loraify", lambda c: lora.loraify(c.conv, rank=1, key=c.key, method="lokr", where=["0"]), ValueError, "`method='lokr'`"),
     Case("loraify-dora-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="dora", where=["0"]), ValueError, "`method='dora'`"),
+    Case("loraify-loha-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="loha", where=["0"]), ValueError, "`method='loha'`"),
+    Case("LohaConvArray-effective-conv", "LohaConvArray", lambda c: lora.LohaConvArray(jnp.ones((2, 3, 3)), rank=1, key=c.key, use_effective_conv2d=True), ValueError, "`use_effective_conv2d"),
     Case("loraify-dora-conv-dropout", "loraify", lambda c: lora.loraify(c.conv, rank=1, key=c.key, method="dora", where=["0"], dropout=0.1), TypeError, "`dropout`"),
     # find_targets
     Case("find_targets-no-layers", "find_targets", lambda c: lora.find_targets({"x": c.w}), ValueError, "`model`"),

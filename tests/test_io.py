@@ -289,19 +289,30 @@ METHOD_CASES = {
     ),
     "conv_embedding": lambda m, k: lora.loraify(m, rank=2, key=k, where=["conv", "emb"]),
     "dora_conv": lambda m, k: lora.loraify(m, rank=2, key=k, method="dora", where=["conv"]),
+    "loha_conv": lambda m, k: lora.loraify(
+        m, rank=2, key=k, method="loha", rank_dropout=0.1, where=["conv"]
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(METHOD_CASES), ids=list(METHOD_CASES))
 def test_every_method_roundtrip_bitwise(tmp_path, getkey, case):
     build = METHOD_CASES[case]
-    base = _layers_model(getkey()) if case in ("conv_embedding", "dora_conv") else Net(getkey())
+    base = (
+        _layers_model(getkey())
+        if case in ("conv_embedding", "dora_conv", "loha_conv")
+        else Net(getkey())
+    )
     saved = randomise_model(build(base, getkey()), getkey())
     path = tmp_path / "adapter.safetensors"
     lora.save_adapter(path, saved)
     _, meta = lio.read_safetensors(path)
     methods = {e["method"] for e in json.loads(meta["adapters"]).values()}
-    expected = {"conv_embedding": {"lora_conv", "lora_embedding"}, "dora_conv": {"dora_conv"}}
+    expected = {
+        "conv_embedding": {"lora_conv", "lora_embedding"},
+        "dora_conv": {"dora_conv"},
+        "loha_conv": {"loha_conv"},
+    }
     assert methods == expected.get(case, {case.split("_")[0]})
     # A model adapted the same way with other values takes the saved ones, bitwise.
     fresh = build(base, getkey())

@@ -1,5 +1,5 @@
-"""LoRA on every supported layer kind (and DoRA on convolutions), through one table of
-rows and the same checks:
+"""LoRA on every supported layer kind (and DoRA and LoHa on convolutions), through one
+table of rows and the same checks:
 forward and factor gradients against the layer run with a dense merged weight written
 plainly here, no-op at init, materialise, training with a frozen base, parameter counts,
 no materialised weight in the jaxpr, no recompiles."""
@@ -71,10 +71,16 @@ def _images(channels, *spatial, batch=2):
     return lambda key: jr.normal(key, (batch, channels, *spatial))
 
 
+def _loha_count(layer, rank):
+    out, *fan_in = layer.weight.shape  # in/groups and the window
+    return 2 * rank * (out + math.prod(fan_in))
+
+
 def _conv_rows(id, make, inputs, forms=("peft", "balanced"), dora=True):
     # Conv1d has one form only: "balanced" puts its single kernel axis on `in`'s side,
     # which is "peft" (see `lora_jax/_conv.py`). DoRA takes the "peft" form; its
-    # magnitudes add one parameter per output channel.
+    # magnitudes add one parameter per output channel. LoHa: PEFT's two factor pairs
+    # on the kernel seen as (out, in·window), without dropout and with rank dropout.
     rows = [
         Row(
             f"{id}-{form}",
@@ -99,6 +105,13 @@ def _conv_rows(id, make, inputs, forms=("peft", "balanced"), dora=True):
                 {"method": "dora"},
             )
         )
+        rows += [
+            Row(f"{id}-loha{suffix}", make, inputs, _batched, conv_delta, _loha_count, options)
+            for suffix, options in (
+                ("", {"method": "loha"}),
+                ("-dropout", {"method": "loha", "rank_dropout": 0.3, "module_dropout": 0.1}),
+            )
+        ]
     return rows
 
 
@@ -166,6 +179,9 @@ ALPHA = 3.0
 
 def _adapt(row, key, **kwargs):
     layer = row.make(jr.fold_in(key, 0))
+    if row.options.get("method") == "loha":
+        # LoHa takes PEFT's `init_weights` (True, the default: a no-op), not `init`.
+        kwargs.pop("init", None)
     kw = dict(rank=RANK, alpha=ALPHA, key=jr.fold_in(key, 1), where=lambda n, l: True)
     adapted = lora.loraify(layer, **(kw | row.options | kwargs))
     return layer, adapted
@@ -176,6 +192,13 @@ def _dense_layer(layer, adapter, **fields):
     overriding the adapter's): `w + s·Δ`, or DoRA's `m ⊙ V / ‖V‖` with `V = w + s·Δ`,
     the norm per output channel over every other axis and detached from the graph."""
     get = lambda f: fields.get(f, getattr(adapter, f))  # noqa: E731
+    if isinstance(adapter, lora.LohaConvArray):
+        hadamard = (get("w1a") @ get("w1b")) * (get("w2a") @ get("w2b"))
+        return eqx.tree_at(
+            lambda l: l.weight,
+            layer,
+            adapter._w + adapter.scaling * hadamard.reshape(adapter._w.shape),
+        )
     a, b = get("a"), get("b")
     merged = adapter._w + adapter.scaling * (
         conv_delta(a, b) if adapter._w.ndim > 2 else matrix_delta(a, b)
@@ -297,8 +320,9 @@ def test_training_lowers_loss_base_frozen(row, getkey):
     assert losses[-1] < 0.9 * losses[0]
     trained = eqx.combine(params, frozen)
     assert np.array_equal(np.asarray(trained.weight._w), np.asarray(layer.weight))
-    assert not np.allclose(np.asarray(trained.weight.a), np.asarray(adapted.weight.a)) or (
-        not np.allclose(np.asarray(trained.weight.b), np.asarray(adapted.weight.b))
+    assert any(
+        not np.allclose(getattr(trained.weight, f), getattr(adapted.weight, f))
+        for f in _trained(adapted.weight)
     )
 
 
@@ -444,3 +468,25 @@ def test_default_targets_linear_only(getkey):
         "LoraEmbeddingArray",
         "ArrayImpl",
     ]
+
+
+def test_loha_conv_rank_dropout_masks_output_channels(getkey):
+    """With a dropout key, LoHa's rank dropout zeroes the update of some output
+    channels and divides the others by the kept fraction (PEFT's rescaling); without a
+    key it is the identity."""
+    conv = eqx.nn.Conv2d(4, 16, 3, padding=1, key=getkey())
+    adapted = lora.loraify(
+        conv, rank=2, key=getkey(), method="loha", rank_dropout=0.5, where=lambda n, l: True
+    )
+    adapted = eqx.tree_at(lambda c: c.weight, adapted, randomise_factors(adapted.weight, getkey()))
+    x = jr.normal(getkey(), (2, 4, 6, 6))
+    run = eqx.filter_jit(lambda m, x: _run(m, x, ROWS[0]))
+    base = jax.vmap(conv)(x)
+    full = run(adapted, x) - base
+    dropped = run(lora.with_dropout_keys(adapted, getkey()), x) - base
+    per_channel = lambda d: jnp.max(jnp.abs(d), axis=(0, 2, 3))  # noqa: E731
+    kept = per_channel(dropped) > 1e-6
+    assert 0 < int(kept.sum()) < 16
+    fraction = float(kept.mean())
+    np.testing.assert_allclose(dropped[:, kept], full[:, kept] / fraction, rtol=1e-4, atol=1e-4)
+    assert np.allclose(per_channel(dropped)[~kept], 0)

@@ -840,3 +840,33 @@ def test_dora_conv_equals_peft_forward(getkey):
     assert isinstance(ours.weight, lora.DoraConvArray)
     got = quax.quaxify(lambda m, x: jax.vmap(m)(x))(ours, jnp.asarray(x))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loha_conv_equals_peft_forward(getkey):
+    """PEFT's LoHa Conv2d (`use_effective_conv2d=False`) and a `LohaConvArray` holding
+    its four tensors (`hada_w1_a`... are our `w1a`..., the same shapes) give one
+    output."""
+    out, inp, rank, alpha = 6, 4, 2, 3.0
+    conv = torch.nn.Sequential(torch.nn.Conv2d(inp, out, 3, stride=2, padding=1, bias=False))
+    model = peft.get_peft_model(
+        conv, peft.LoHaConfig(r=rank, alpha=alpha, target_modules=["0"], init_weights=False)
+    )
+    layer = model.base_model.model[0]
+    x = np.random.default_rng(0).standard_normal((2, inp, 9, 9)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+
+    held = lambda p: jnp.asarray(p.detach().numpy())  # noqa: E731
+    ours = eqx.nn.Conv2d(inp, out, 3, stride=2, padding=1, use_bias=False, key=getkey())
+    ours = eqx.tree_at(lambda c: c.weight, ours, held(layer.base_layer.weight))
+    ours = lora.loraify(
+        ours, rank=rank, alpha=alpha, key=getkey(), method="loha", where=lambda n, l: True
+    )
+    names = ("w1a", "w1b", "w2a", "w2b")
+    tensors = [held(getattr(layer, f"hada_{n[:2]}_{n[2]}")["default"]) for n in names]
+    ours = eqx.tree_at(lambda c: [getattr(c.weight, n) for n in names], ours, tensors)
+    assert isinstance(ours.weight, lora.LohaConvArray)
+    got = quax.quaxify(lambda m, x: jax.vmap(m)(x))(ours, jnp.asarray(x))
+    with torch.no_grad():  # `init_weights=False`: the update is not zero
+        assert not np.allclose(expected, layer.base_layer(torch.from_numpy(x)).numpy())
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

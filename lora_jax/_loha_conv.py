@@ -1,0 +1,172 @@
+"""LoHa for convolution kernels: `w + s·((w1a @ w1b) ⊙ (w2a @ w2b))` with the kernel
+seen as the matrix `(out, in·k_1···k_n)`, as PEFT's LoHa for `Conv1d/2d/3d` without
+`use_effective_conv2d`.
+
+By the face-splitting identity the update is a rank-`r²` conv LoRA in the `"peft"`
+form: a conv with the kernel's size from `in` to `r²` channels (`w1b •col w2b`), then a
+1×1 conv to `out` (`w1a •row w2a`). A conv with the adapted kernel is computed as
+`conv(x, w) + s·conv(conv(x, b'), a')` with those factors; neither the Hadamard product
+nor `w + Δ` is formed.
+"""
+
+import math
+
+import equinox as eqx
+import jax.lax as lax
+import jax.random as jr
+import quax
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
+
+from ._base import AbstractAdapter
+from ._conv import check_conv_params, conv_delta, dense_conv, lora_conv
+from ._dropout import module_keep, unit_mask
+from ._loha import LohaArray, _face_split
+
+
+class LohaConvArray(AbstractAdapter):
+    """Low-rank Hadamard product adaptation (LoHa) of a conv kernel `w` of shape
+    `(out, in/groups, k_1, ..., k_n)`: `w + s·((w1a @ w1b) ⊙ (w2a @ w2b))` reshaped to
+    the kernel's shape, with `w1a, w2a` of shape `(out, r)`, `w1b, w2b` of shape
+    `(r, in/groups · k_1···k_n)` (PEFT's `hada_w1_a`, ... for a conv) and `s = alpha/r`.
+
+    A conv with this value as its kernel computes `conv(x, w) + s·conv(conv(x, b'), a')`
+    with `a' = w1a •row w2a` (a 1×1 conv, `r²` channels to `out`) and
+    `b' = w1b •col w2b` (a conv with the kernel's size, `in` to `r²` channels), with
+    the strides, padding, dilations and feature groups of the call.
+    """
+
+    _w: Shaped[Array, "out in *kernel"]
+    w1a: Float[Array, "out rank"]
+    w1b: Float[Array, "rank fan_in"]
+    w2a: Float[Array, "out rank"]
+    w2b: Float[Array, "rank fan_in"]
+    scaling: Float[Array, ""]
+    dropout_key: PRNGKeyArray | None
+    rank_dropout: float = eqx.field(static=True)
+    module_dropout: float = eqx.field(static=True)
+    stop_gradient: bool = eqx.field(static=True)
+    allow_materialise: bool = eqx.field(static=True)
+
+    trainable_fields = ("w1a", "w1b", "w2a", "w2b")
+
+    def __init__(
+        self,
+        weight: Shaped[Array, "out in *kernel"],
+        *,
+        rank: int,
+        key: PRNGKeyArray,
+        alpha: float | None = None,
+        init_weights: bool = True,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        use_effective_conv2d: bool = False,
+        dtype=None,
+        allow_materialise: bool = False,
+        stop_gradient: bool = True,
+    ):
+        """**Arguments:**
+
+        - `weight`: the conv kernel to wrap, `(out, in/groups, k_1, ..., k_n)` with
+            `n >= 1` spatial dimensions (Equinox's layout).
+        - `rank`, `key`, `alpha`, `init_weights`, `rank_dropout`, `module_dropout`,
+            `dtype`, `allow_materialise`, `stop_gradient`: as for
+            [`lora_jax.LohaArray`][], the kernel seen as the matrix
+            `(out, in/groups · k_1···k_n)` (rank dropout masks output channels).
+        - `use_effective_conv2d`: PEFT's Tucker-core form for convolutions; `True`
+            is not supported (a ValueError).
+
+        !!! Example
+
+            ```python
+            import jax.lax as lax
+            import jax.numpy as jnp
+            import jax.random as jr
+            import quax
+            import lora_jax as lora
+
+            w = jr.normal(jr.key(0), (4, 3, 3, 3))
+            lw = lora.LohaConvArray(w, rank=2, key=jr.key(1))
+            x = jnp.ones((1, 3, 8, 8))
+            conv = lambda k: lax.conv_general_dilated(x, k, (1, 1), "SAME")
+            assert jnp.allclose(quax.quaxify(conv)(lw), conv(w))
+            ```
+        """
+        shape = getattr(weight, "shape", None)
+        if shape is None or getattr(weight, "dtype", None) is None:
+            raise TypeError(f"`weight` must be an array, got {type(weight).__name__}.")
+        if len(shape) < 3:
+            raise ValueError(
+                "`weight` must be a conv kernel (out, in, *kernel) with at least one "
+                f"spatial dimension, got shape {tuple(shape)}."
+            )
+        if use_effective_conv2d is True:
+            raise ValueError(
+                "`use_effective_conv2d=True` (PEFT's Tucker-core LoHa for convolutions) "
+                "is not supported; use False (the default), PEFT's other conv form."
+            )
+        # The factors, their checks and initialisation are LoHa's on the kernel seen
+        # as the matrix (out, in·k_1···k_n), as PEFT builds them for a conv.
+        lw = LohaArray(
+            weight.reshape(shape[0], math.prod(shape[1:])),
+            rank=rank,
+            key=key,
+            alpha=alpha,
+            init_weights=init_weights,
+            rank_dropout=rank_dropout,
+            module_dropout=module_dropout,
+            use_effective_conv2d=use_effective_conv2d,
+            dtype=dtype,
+            allow_materialise=allow_materialise,
+            stop_gradient=stop_gradient,
+        )
+        self._w = weight
+        self.w1a, self.w1b, self.w2a, self.w2b = lw.w1a, lw.w1b, lw.w2a, lw.w2b
+        self.scaling = lw.scaling
+        self.dropout_key = None
+        self.rank_dropout = lw.rank_dropout
+        self.module_dropout = lw.module_dropout
+        self.stop_gradient = stop_gradient
+        self.allow_materialise = allow_materialise
+
+    @property
+    def rank(self) -> int:
+        return self.w1a.shape[-1]
+
+    def conv_factors(self, key: PRNGKeyArray | None = None) -> tuple[Array, Array]:
+        """The equivalent rank-`r²` conv LoRA factors `(a', b')` as conv kernels,
+        `(out, r², 1, ..., 1)` and `(r², in/groups, *kernel)`; with a `key`, PEFT's
+        rank dropout (over output channels) and module dropout applied to `a'`."""
+        a, b = _face_split(self.w1a, self.w1b, self.w2a, self.w2b)
+        if key is not None:
+            k_rank, k_module = jr.split(key)
+            if self.rank_dropout > 0:
+                a = (
+                    a
+                    * unit_mask(k_rank, self.rank_dropout, (a.shape[0],), a.dtype, rescale=True)[
+                        :, None
+                    ]
+                )
+            if self.module_dropout > 0:
+                a = a * module_keep(k_module, self.module_dropout, (), a.dtype)
+        window = self._w.shape[1:]  # (in/groups, *kernel)
+        return a.reshape(*a.shape, *(1,) * (len(window) - 1)), b.reshape(b.shape[0], *window)
+
+    def delta(self) -> Array:
+        a, b = self.conv_factors()
+        return conv_delta(a, b, "peft", lax.stop_gradient(self.scaling))
+
+
+@quax.register(lax.conv_general_dilated_p)
+def _(lhs: ArrayLike | quax.ArrayValue, rhs: LohaConvArray, **params):
+    if not check_conv_params(params):
+        # The kernel is read in another layout than (out, in, *kernel): materialise
+        # (which refuses unless `allow_materialise`).
+        return dense_conv(lhs, rhs.materialise(), params)
+    a, b = rhs.conv_factors(rhs.dropout_key)
+    return lora_conv(lhs, rhs.w, a, b, lax.stop_gradient(rhs.scaling), "peft", params)
+
+
+@quax.register(lax.conv_general_dilated_p)
+def _(lhs: LohaConvArray, rhs: ArrayLike | quax.ArrayValue, **params):
+    # A kernel used as the input image: no factored rule.
+    return dense_conv(lhs.materialise(), rhs, params)
