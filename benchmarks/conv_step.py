@@ -6,10 +6,11 @@ images 32×32; LoRA rank 8 on every conv. The step is forward + gradient of the 
 model's forward plus the gradient with respect to its input (`jax.vjp` wrt the input
 only; no weight gradients). Runs are interleaved; the median of each is reported.
 
-    PYTHONPATH=. python benchmarks/conv_step.py [--form peft|balanced] [--method lora|dora]
+    PYTHONPATH=. python benchmarks/conv_step.py [--form peft|balanced] [--method lora|dora|loha]
         [--runs 20]
 
-DoRA (`--method dora`) takes the "peft" form.
+DoRA and LoHa (`--method dora|loha`) take the "peft" form (LoHa: a rank-r² one; its
+`--rank 4` trains as many parameters as LoRA's rank 8).
 """
 
 import argparse
@@ -47,7 +48,7 @@ class Net(eqx.Module):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--form", default="peft", choices=["peft", "balanced"])
-    parser.add_argument("--method", default="lora", choices=["lora", "dora"])
+    parser.add_argument("--method", default="lora", choices=["lora", "dora", "loha"])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--width", type=int, default=64)
@@ -60,14 +61,18 @@ def main():
     x = jr.normal(jr.key(1), (args.batch, args.width, args.size, args.size))
     target = jr.normal(jr.key(2), x.shape)
 
+    options = {
+        "lora": {"init": "peft", "conv_form": args.form},
+        "dora": {"init": "peft"},
+        "loha": {},  # PEFT's init_weights=True: a no-op, as the others' "peft" init
+    }[args.method]
     model = lora.loraify(
         net,
         rank=args.rank,
         key=jr.key(3),
-        init="peft",
         where=lambda name, layer: isinstance(layer, eqx.nn.Conv),
         method=args.method,
-        **({"conv_form": args.form} if args.method == "lora" else {}),
+        **options,
     )
     params, frozen = lora.partition(model)
     opt = optax.adam(1e-3)
