@@ -49,6 +49,20 @@ from ._validate import (
 ConvForm = Literal["peft", "balanced"]
 
 
+def check_conv_weight(weight) -> tuple[int, ...]:
+    """`weight`'s shape, once it is known to be an array with the rank of a conv kernel
+    `(out, in, *kernel)`."""
+    shape = getattr(weight, "shape", None)
+    if shape is None or getattr(weight, "dtype", None) is None:
+        raise TypeError(f"`weight` must be an array, got {type(weight).__name__}.")
+    if len(shape) < 3:
+        raise ValueError(
+            "`weight` must be a conv kernel (out, in, *kernel) with at least one "
+            f"spatial dimension, got shape {tuple(shape)}."
+        )
+    return tuple(shape)
+
+
 def conv_split(form: str, num_spatial: int) -> int:
     """How many leading spatial axes belong to `a` (the `out` side)."""
     return 0 if form == "peft" else num_spatial // 2
@@ -119,14 +133,7 @@ class LoraConvArray(AbstractAdapter):
             assert jnp.allclose(quax.quaxify(conv)(lw), conv(w))
             ```
         """
-        shape = getattr(weight, "shape", None)
-        if shape is None or getattr(weight, "dtype", None) is None:
-            raise TypeError(f"`weight` must be an array, got {type(weight).__name__}.")
-        if len(shape) < 3:
-            raise ValueError(
-                "`weight` must be a conv kernel (out, in, *kernel) with at least one "
-                f"spatial dimension, got shape {tuple(shape)}."
-            )
+        shape = check_conv_weight(weight)
         if not jnp.issubdtype(weight.dtype, jnp.floating):
             raise TypeError(f"`weight` must have a floating dtype, got {weight.dtype}.")
         check_not_empty(shape)

@@ -18,7 +18,7 @@ import quax
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter
-from ._conv import check_conv_params, conv_delta, dense_conv, lora_conv
+from ._conv import check_conv_params, check_conv_weight, conv_delta, dense_conv, lora_conv
 from ._dropout import module_keep, unit_mask
 from ._loha import LohaArray, _face_split
 
@@ -91,14 +91,7 @@ class LohaConvArray(AbstractAdapter):
             assert jnp.allclose(quax.quaxify(conv)(lw), conv(w))
             ```
         """
-        shape = getattr(weight, "shape", None)
-        if shape is None or getattr(weight, "dtype", None) is None:
-            raise TypeError(f"`weight` must be an array, got {type(weight).__name__}.")
-        if len(shape) < 3:
-            raise ValueError(
-                "`weight` must be a conv kernel (out, in, *kernel) with at least one "
-                f"spatial dimension, got shape {tuple(shape)}."
-            )
+        shape = check_conv_weight(weight)
         if use_effective_conv2d is True:
             raise ValueError(
                 "`use_effective_conv2d=True` (PEFT's Tucker-core LoHa for convolutions) "
@@ -140,12 +133,8 @@ class LohaConvArray(AbstractAdapter):
         if key is not None:
             k_rank, k_module = jr.split(key)
             if self.rank_dropout > 0:
-                a = (
-                    a
-                    * unit_mask(k_rank, self.rank_dropout, (a.shape[0],), a.dtype, rescale=True)[
-                        :, None
-                    ]
-                )
+                channels = unit_mask(k_rank, self.rank_dropout, a.shape[:1], a.dtype, rescale=True)
+                a = a * channels[:, None]
             if self.module_dropout > 0:
                 a = a * module_keep(k_module, self.module_dropout, (), a.dtype)
         window = self._w.shape[1:]  # (in/groups, *kernel)
