@@ -242,19 +242,28 @@ def check_conv_params(params) -> bool:
     return _identity_spec(params["dimension_numbers"].rhs_spec)
 
 
-@quax.register(lax.conv_general_dilated_p)
-def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraConvArray, **params):
-    if not check_conv_params(params):
-        # The kernel is read in another layout than the adapter's (out, in, *kernel):
-        # no factored rule; materialise (refuses unless `allow_materialise`).
-        return dense_conv(lhs, rhs.materialise(), params)
-    return lora_conv(lhs, rhs.w, rhs.a, rhs.b, lax.stop_gradient(rhs.scaling), rhs.form, params)
+def register_conv_rules(cls: type, product) -> None:
+    """The `conv_general_dilated` rules of a conv adapter type `cls`: with the adapter
+    as the kernel, `product(lhs, adapter, params)` where the kernel is read in its
+    layout `(out, in, *kernel)`, the materialised kernel otherwise (which refuses
+    unless `allow_materialise`); with the adapter as the image, the materialised one
+    (no factored rule)."""
+
+    @quax.register(lax.conv_general_dilated_p)
+    def _(lhs: ArrayLike | quax.ArrayValue, rhs: cls, **params):
+        if not check_conv_params(params):
+            return dense_conv(lhs, rhs.materialise(), params)
+        return product(lhs, rhs, params)
+
+    @quax.register(lax.conv_general_dilated_p)
+    def _(lhs: cls, rhs: ArrayLike | quax.ArrayValue, **params):
+        return dense_conv(lhs.materialise(), rhs, params)
 
 
-@quax.register(lax.conv_general_dilated_p)
-def _(lhs: LoraConvArray, rhs: ArrayLike | quax.ArrayValue, **params):
-    # A kernel used as the input image: no factored rule.
-    return dense_conv(lhs.materialise(), rhs, params)
+register_conv_rules(
+    LoraConvArray,
+    lambda x, v, params: lora_conv(x, v.w, v.a, v.b, lax.stop_gradient(v.scaling), v.form, params),
+)
 
 
 @quax.quaxify

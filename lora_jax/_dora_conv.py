@@ -11,11 +11,10 @@ from DoRA's low-rank identity on the flattened kernel, as for a Linear.
 
 import equinox as eqx
 import jax.lax as lax
-import quax
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
+from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter
-from ._conv import LoraConvArray, check_conv_params, conv_delta, dense_conv, lora_conv
+from ._conv import LoraConvArray, conv_delta, lora_conv, register_conv_rules
 from ._dora import _norm
 from ._lora import Init
 
@@ -136,20 +135,12 @@ def _per_channel(g, ndim: int, axis: int = 0):
     return g.reshape(shape)
 
 
-@quax.register(lax.conv_general_dilated_p)
-def _(lhs: ArrayLike | quax.ArrayValue, rhs: DoraConvArray, **params):
-    if not check_conv_params(params):
-        # The kernel is read in another layout than (out, in, *kernel): materialise
-        # (which refuses unless `allow_materialise`).
-        return dense_conv(lhs, rhs.materialise(), params)
-    scaling = lax.stop_gradient(rhs.scaling)
-    out = lora_conv(lhs, rhs.w, rhs.a, rhs.b, scaling, "peft", params)
-    g = rhs.m / lax.stop_gradient(_kernel_norm(rhs.w, rhs.a, rhs.b, scaling))
+def _dora_conv(lhs, v: DoraConvArray, params):
+    scaling = lax.stop_gradient(v.scaling)
+    out = lora_conv(lhs, v.w, v.a, v.b, scaling, "peft", params)
+    g = v.m / lax.stop_gradient(_kernel_norm(v.w, v.a, v.b, scaling))
     channels = params["dimension_numbers"].out_spec[1]
     return out * _per_channel(g.astype(out.dtype), out.ndim, channels)
 
 
-@quax.register(lax.conv_general_dilated_p)
-def _(lhs: DoraConvArray, rhs: ArrayLike | quax.ArrayValue, **params):
-    # A kernel used as the input image: no factored rule.
-    return dense_conv(lhs.materialise(), rhs, params)
+register_conv_rules(DoraConvArray, _dora_conv)

@@ -14,11 +14,10 @@ import math
 import equinox as eqx
 import jax.lax as lax
 import jax.random as jr
-import quax
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
+from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter
-from ._conv import check_conv_params, check_conv_weight, conv_delta, dense_conv, lora_conv
+from ._conv import check_conv_weight, conv_delta, lora_conv, register_conv_rules
 from ._dropout import module_keep, unit_mask
 from ._loha import LohaArray, _face_split
 
@@ -145,17 +144,9 @@ class LohaConvArray(AbstractAdapter):
         return conv_delta(a, b, "peft", lax.stop_gradient(self.scaling))
 
 
-@quax.register(lax.conv_general_dilated_p)
-def _(lhs: ArrayLike | quax.ArrayValue, rhs: LohaConvArray, **params):
-    if not check_conv_params(params):
-        # The kernel is read in another layout than (out, in, *kernel): materialise
-        # (which refuses unless `allow_materialise`).
-        return dense_conv(lhs, rhs.materialise(), params)
-    a, b = rhs.conv_factors(rhs.dropout_key)
-    return lora_conv(lhs, rhs.w, a, b, lax.stop_gradient(rhs.scaling), "peft", params)
+def _loha_conv(lhs, v: LohaConvArray, params):
+    a, b = v.conv_factors(v.dropout_key)
+    return lora_conv(lhs, v.w, a, b, lax.stop_gradient(v.scaling), "peft", params)
 
 
-@quax.register(lax.conv_general_dilated_p)
-def _(lhs: LohaConvArray, rhs: ArrayLike | quax.ArrayValue, **params):
-    # A kernel used as the input image: no factored rule.
-    return dense_conv(lhs.materialise(), rhs, params)
+register_conv_rules(LohaConvArray, _loha_conv)

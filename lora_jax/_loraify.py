@@ -89,20 +89,27 @@ def _build_lora(weight, *, rank, alpha, key, layer, options):
     return LoraArray(weight, rank=rank, alpha=alpha, key=key, **options)
 
 
-# The layer types each method adapts (`None`: every kind); a method without a row,
-# Linear layers only.
-_METHOD_LAYERS: dict[str, tuple[type, ...] | None] = {
-    "lora": None,
-    "dora": (eqx.nn.Linear, eqx.nn.Conv),
-    "loha": (eqx.nn.Linear, eqx.nn.Conv),
+# method -> (its type for a Linear, its type for a Conv or `None`).
+_METHOD_CLASSES: dict[str, tuple[type, type | None]] = {
+    "dora": (DoraArray, DoraConvArray),
+    "lokr": (LokrArray, None),
+    "loha": (LohaArray, LohaConvArray),
 }
 
 
+def _method_class(method: str, layer) -> type:
+    linear, conv = _METHOD_CLASSES[method]
+    return conv if isinstance(layer, eqx.nn.Conv) and conv is not None else linear
+
+
 def _check_layer_kind(method: str, name: str, layer) -> None:
-    kinds = _METHOD_LAYERS.get(method, (eqx.nn.Linear,))
-    # `eqx.nn.ConvTranspose` is not an `eqx.nn.Conv`: DoRA and LoHa adapt `Conv1d/2d/3d`
-    # only.
-    if kinds is not None and not isinstance(layer, kinds):
+    """LoRA adapts every layer kind; a method with a conv type, Linear and Conv layers
+    (`eqx.nn.ConvTranspose` is not an `eqx.nn.Conv`); any other method, Linear layers."""
+    if method == "lora":
+        return
+    conv = _METHOD_CLASSES.get(method, (None, None))[1]
+    kinds = (eqx.nn.Linear,) if conv is None else (eqx.nn.Linear, eqx.nn.Conv)
+    if not isinstance(layer, kinds):
         names = " and ".join(f"eqx.nn.{k.__name__}" for k in kinds)
         raise ValueError(
             f"`method={method!r}` adapts {names} layers, but `where` selects "
@@ -122,14 +129,10 @@ def _option_names(method: str, layer) -> set[str] | None:
             cls = LoraEmbeddingArray
         else:
             cls = LoraArray
-    elif method == "dora" and isinstance(layer, eqx.nn.Conv):
-        cls = DoraConvArray
-    elif method == "loha" and isinstance(layer, eqx.nn.Conv):
-        cls = LohaConvArray
+    elif method in _METHOD_CLASSES:
+        cls = _method_class(method, layer)
     else:
-        cls = {"dora": DoraArray, "lokr": LokrArray, "loha": LohaArray}.get(method)
-        if cls is None:
-            return None
+        return None
     names = set(inspect.signature(cls.__init__).parameters)
     names -= {"self", "weight", "rank", "alpha", "key"}
     return names | ({"conv_form"} if method == "lora" else set())
@@ -149,7 +152,7 @@ def _check_options(method: str, name: str, layer, options: dict) -> None:
 
 
 def _build_dora(weight, *, rank, alpha, key, layer, options):
-    cls = DoraConvArray if isinstance(layer, eqx.nn.Conv) else DoraArray
+    cls = _method_class("dora", layer)
     return cls(weight, rank=rank, alpha=alpha, key=key, **options)
 
 
@@ -175,7 +178,7 @@ def _build_lokr(weight, *, rank, alpha, key, layer, options):
 
 
 def _build_loha(weight, *, rank, alpha, key, layer, options):
-    cls = LohaConvArray if isinstance(layer, eqx.nn.Conv) else LohaArray
+    cls = _method_class("loha", layer)
     return cls(weight, rank=rank, alpha=alpha, key=key, **_lycoris_options("loha", options))
 
 
@@ -365,9 +368,8 @@ def loraify(
         `eqx.nn.Conv1d/2d/3d`), `"lokr"` ([`lora_jax.LokrArray`][]) or `"loha"`
         ([`lora_jax.LohaArray`][]; a [`lora_jax.LohaConvArray`][] for convs). LoRA
         adapts every layer kind above, DoRA and LoHa Linear and Conv layers, LoKr
-        Linear layers. LoKr and LoHa take PEFT's
-        options as `method_options` (`init_weights=`, `decompose_both=`, ...) and
-        ignore `scale`.
+        Linear layers. LoKr and LoHa take PEFT's options as `method_options`
+        (`init_weights=`, `decompose_both=`, ...) and ignore `scale`.
     - `conv_form`: for convolutions with `method="lora"`, `"peft"` (the default) or
         `"balanced"`, as for [`lora_jax.LoraConvArray`][].
     - `where`: which layers to adapt, by dotted name built from the PyTree path
