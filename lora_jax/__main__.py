@@ -25,7 +25,7 @@ def _describe(path: str) -> dict:
     if os.path.isdir(path):
         config, tensors = read_peft_dir(path)
         method = method_for_config(config, os.path.join(path, CONFIG_NAME))
-        suffixes = [s for s, _ in method.tensors]
+        suffixes = list(method.suffixes)
         modules, adapter_params, other = set(), 0, 0
         for key, arr in tensors.items():
             _, module, _ = _split_key(key, suffixes, path)

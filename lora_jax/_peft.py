@@ -4,10 +4,11 @@
 PEFT names a tensor `base_model.model.<module>.<suffix>`, where `<module>` is the
 torch module's dotted name and `<suffix>` depends on the method (`lora_A.weight`,
 `lora_B.weight` for LoRA; `lora_magnitude_vector` added for DoRA; `lokr_w1`... for
-LoKr; `hada_w1_a`... for LoHa). Each method is a row of `PEFT_METHODS`: its PEFT
-type, the config flags that select it, which PEFT suffix holds which field of our
-value, and the shapes PEFT gives those tensors for a layer (`layout`), so that a
-file is checked tensor by tensor before anything is built.
+LoKr; `hada_w1_a`... for LoHa; `lora_embedding_A`... for an Embedding's LoRA). Each
+method is a row of `PEFT_METHODS`: its PEFT type, the config flags that select it, and
+per layer kind (Linear, Conv, Embedding) a `PeftKind`: our value type, which PEFT
+suffix holds which field, and the shapes PEFT gives those tensors for a layer
+(`layout`), so that a file is checked tensor by tensor before anything is built.
 
 Stacked layers (a weight with a leading layer axis, run with `lax.scan`) are saved
 as one PEFT module per layer: `name_map` sends the stacked module's name to a
@@ -32,11 +33,15 @@ import numpy as np
 from jaxtyping import PyTree
 
 from ._base import is_adapter
+from ._conv import LoraConvArray
 from ._dora import DoraArray
+from ._dora_conv import DoraConvArray
+from ._embedding import LoraEmbeddingArray
 from ._filters import TrainBias
 from ._io import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    FORMATS,
     _most_common,
     _to_device,
     adapter_entries,
@@ -49,6 +54,7 @@ from ._io import (
     write_safetensors,
 )
 from ._loha import LohaArray
+from ._loha_conv import LohaConvArray
 from ._lokr import LokrArray, factorization
 from ._lora import LoraArray
 from ._loraify import LAYERS
@@ -90,19 +96,66 @@ def peft_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+Shapes = dict[str, tuple[int, ...]]
+Fields = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PeftKind:
+    """How PEFT stores one method on one kind of layer (Linear, Conv, Embedding).
+
+    - `name`: the kind, for messages (`"Linear"`).
+    - `layer`: the Equinox layer type it adapts.
+    - `adapter_type`: our value type for it.
+    - `tensors`: `(PEFT suffix, our field)` pairs.
+    - `layout`: `(batch, shape, rank, config) -> {field: shape}`, the tensors PEFT
+        builds for a layer whose weight has Equinox's shape `shape` (`(out, in)`,
+        `(out, in/groups, *kernel)`, `(num, dim)`), with the stacking dimensions
+        `batch` in front.
+    - `dims`: `fields -> shape`, the weight's shape from PEFT's tensors (for files
+        without a model; a LoHa conv gives its kernel flattened, `(out, in·window)`).
+    - `rank_of`: `fields -> rank`, where the tensors determine it (else `None`).
+    - `new`: `(weight, rank, config, dtype, flags) -> value`, a value of the right
+        structure (its arrays are then replaced by the file's).
+    - `to_peft`, `from_peft`: one layer's tensors from our layout to PEFT's and back,
+        where they differ (an embedding's factors are transposed; a conv's DoRA
+        magnitudes are `(1, out, 1, ...)`).
+    - `refuse`: `layer -> reason or None`: why PEFT's module would not compute what
+        our adapter of this layer computes (a grouped or dilated conv, ...).
+    """
+
+    name: str
+    layer: type
+    adapter_type: type
+    tensors: tuple[tuple[str, str], ...]
+    layout: Callable[..., Shapes]
+    dims: Callable[[Fields], tuple[int, ...]]
+    rank_of: Callable[[Fields], int | None]
+    new: Callable[..., Any]
+    to_peft: Callable[[Fields], Fields] = lambda fields: fields
+    from_peft: Callable[[Fields], Fields] = lambda fields: fields
+    refuse: Callable[[Any], str | None] = lambda layer: None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(f for _, f in self.tensors)
+
+    def split(self, layer, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """A weight's shape as `(stacking dimensions, the layer's own shape)`."""
+        n = 2 + layer.num_spatial_dims if isinstance(layer, eqx.nn.Conv) else 2
+        return tuple(shape[:-n]), tuple(shape[-n:])
+
+
 @dataclass(frozen=True)
 class Layer:
-    """One PEFT module's adapter: its tensors by our field name, scaling, rank and the
-    adapted matrix's `(out, in)`."""
+    """One PEFT module's adapter: its tensors by our field name in PEFT's layout, its
+    scaling and rank, the adapted weight's shape and its kind."""
 
-    fields: dict[str, np.ndarray]
+    fields: Fields
     scaling: float
     rank: int
-    out: int
-    inp: int
-
-
-Shapes = dict[str, tuple[int, ...]]
+    shape: tuple[int, ...]
+    kind: PeftKind
 
 
 @dataclass(frozen=True)
@@ -111,35 +164,24 @@ class PeftMethod:
 
     - `method`: our name (`"lora"`).
     - `peft_type`: PEFT's `peft_type` (`"LORA"`).
-    - `adapter_type`: our value type.
     - `flags`: config entries that select this method among those of one `peft_type`
         (`{"use_dora": False}`; DoRA is `{"use_dora": True}`), written on save.
-    - `tensors`: `(PEFT suffix, our field)` pairs, PEFT's array equal to our field.
-    - `layout`: `(batch, out, in, rank, config) -> {field: shape}`, the tensors PEFT
-        builds for a layer of weight `(out, in)` (and we hold, with the stacking
-        dimensions `batch` in front).
-    - `dims`: `fields -> (out, in)` from a layer's tensors (for files without a model).
-    - `rank_of`: `fields -> rank`, where the tensors determine it (else `None`).
-    - `new`: `(weight, rank, config, dtype, flags) -> value`, a value of the right
-        structure (its arrays are then replaced by the file's).
+    - `kinds`: how each layer kind is stored, Linear first.
     - `configure`: `(layers, values) -> config entries`, what this method's config
         says beyond rank and alpha (LoKr's `decompose_both`, dropouts).
     - `defaults`: PEFT's config entries as PEFT writes them.
     - `rank_key`, `alpha_key`: PEFT's names for the rank and alpha.
     - `rslora`, `bias`: whether the config has `use_rslora` and `bias`.
+    - `unsupported`: PEFT suffixes of this method that lora_jax does not hold, with why.
     """
 
     method: str
     peft_type: str
-    adapter_type: type
     flags: dict[str, Any]
-    tensors: tuple[tuple[str, str], ...]
-    layout: Callable[..., Shapes]
-    dims: Callable[[dict], tuple[int, int]]
-    rank_of: Callable[[dict], int | None]
-    new: Callable[..., Any]
+    kinds: tuple[PeftKind, ...]
     configure: Callable[[list[Layer], list[Any]], dict]
     defaults: dict[str, Any] = field(default_factory=dict)
+    unsupported: dict[str, str] = field(default_factory=dict)
     rank_key: str = "r"
     alpha_key: str = "lora_alpha"
     rslora: bool = True
@@ -151,41 +193,196 @@ class PeftMethod:
         )
 
     @property
-    def fields(self) -> tuple[str, ...]:
-        return tuple(f for _, f in self.tensors)
+    def suffixes(self) -> dict[str, str]:
+        """PEFT suffix -> our field, over every kind."""
+        return {s: f for kind in self.kinds for s, f in kind.tensors}
+
+    def kind_of_layer(self, layer) -> PeftKind | None:
+        return next((k for k in self.kinds if isinstance(layer, k.layer)), None)
+
+    def kind_of_tensors(self, tensors: dict[str, np.ndarray]) -> PeftKind:
+        """The kind of a module known only by its tensors (by PEFT suffix): the one
+        whose suffixes it uses; between kinds with the same suffixes (Linear and Conv),
+        Conv when a tensor has more than two dimensions. A LoHa conv's tensors are a
+        Linear's (its kernel is flattened)."""
+        fitting = [k for k in self.kinds if set(tensors) <= {s for s, _ in k.tensors}]
+        fitting = fitting or list(self.kinds)
+        if len(fitting) > 1:
+            conv = any(np.ndim(a) > 2 for a in tensors.values())
+            fitting = [k for k in fitting if (k.layer is eqx.nn.Conv) == conv] or fitting
+        return fitting[0]
+
+
+def _no_stacking(batch, what: str) -> None:
+    if batch:
+        raise ValueError(f"{what} adapters hold one weight each; they cannot be stacked.")
+
+
+def _transposed(fields: Fields, names: Sequence[str]) -> Fields:
+    return {f: (np.swapaxes(a, -1, -2) if f in names else a) for f, a in fields.items()}
+
+
+def _refuse_conv(layer, *, groups: bool, dilation: bool) -> str | None:
+    """Why PEFT's conv module would compute something else than ours, if it would:
+    PEFT pads its factor convs with zeros, and its conv LoRA's `lora_A` sees every
+    input channel and ignores the kernel's dilation."""
+    if not isinstance(layer, eqx.nn.Conv):
+        return f"PEFT does not adapt an {type(layer).__name__}"
+    if layer.padding_mode != "ZEROS":
+        return (
+            f"the conv pads with {layer.padding_mode!r}, but PEFT computes the adapter's "
+            "conv with zero padding"
+        )
+    if groups and layer.groups != 1:
+        return (
+            f"the conv has groups={layer.groups}, but PEFT's conv `lora_A` is ungrouped "
+            "(an update it cannot merge into the kernel); ours keeps the kernel's groups"
+        )
+    if dilation and any(d != 1 for d in layer.dilation):
+        return (
+            f"the conv has dilation {tuple(layer.dilation)}, which PEFT's conv `lora_A` "
+            "does not apply"
+        )
+    return None
 
 
 # --- LoRA and DoRA ----------------------------------------------------------------------
 
 
-def _lora_layout(batch, out, inp, rank, config) -> Shapes:
+def _lora_layout(batch, shape, rank, config) -> Shapes:
     del config
+    out, inp = shape
     return {"a": (*batch, out, rank), "b": (*batch, rank, inp)}
 
 
-def _dora_layout(batch, out, inp, rank, config) -> Shapes:
-    return {**_lora_layout(batch, out, inp, rank, config), "m": (*batch, out)}
+def _dora_layout(batch, shape, rank, config) -> Shapes:
+    return {**_lora_layout(batch, shape, rank, config), "m": (*batch, shape[0])}
 
 
-def _lora_dims(fields) -> tuple[int, int]:
+def _lora_dims(fields) -> tuple[int, ...]:
     return fields["a"].shape[-2], fields["b"].shape[-1]
 
 
-def _new_lora(weight, rank, config, dtype, flags):
-    dropout = float(config.get("lora_dropout") or 0.0)
-    return LoraArray(weight, rank=rank, key=jr.key(0), dtype=dtype, dropout=dropout, **flags)
+def _lora_rank(fields) -> int | None:
+    return fields["a"].shape[-1] if "a" in fields else None
 
 
-def _new_dora(weight, rank, config, dtype, flags):
-    dropout = float(config.get("lora_dropout") or 0.0)
-    return DoraArray(weight, rank=rank, key=jr.key(0), dtype=dtype, dropout=dropout, **flags)
+def _conv_layout(batch, shape, rank, config) -> Shapes:
+    """PEFT's conv LoRA: `lora_A` a conv with the kernel's size to `rank` channels,
+    `lora_B` a 1×1 conv to `out`."""
+    del config
+    _no_stacking(batch, "Conv")
+    out, inp, *kernel = shape
+    return {"a": (out, rank, *(1 for _ in kernel)), "b": (rank, inp, *kernel)}
+
+
+def _dora_conv_layout(batch, shape, rank, config) -> Shapes:
+    return {
+        **_conv_layout(batch, shape, rank, config),
+        "m": (1, shape[0], *(1 for _ in shape[2:])),
+    }
+
+
+def _conv_dims(fields) -> tuple[int, ...]:
+    return fields["a"].shape[0], *fields["b"].shape[1:]
+
+
+def _dora_conv_to_peft(fields: Fields) -> Fields:
+    ones = (1,) * (fields["b"].ndim - 2)
+    return {**fields, "m": fields["m"].reshape(1, -1, *ones)}
+
+
+def _dora_conv_from_peft(fields: Fields) -> Fields:
+    return {**fields, "m": fields["m"].reshape(-1)}
+
+
+def _embedding_layout(batch, shape, rank, config) -> Shapes:
+    """PEFT's `lora_embedding_A` is `(rank, num)`, `lora_embedding_B` `(dim, rank)`."""
+    del config
+    _no_stacking(batch, "Embedding")
+    num, dim = shape
+    return {"a": (rank, num), "b": (dim, rank)}
+
+
+def _lora_options(config, flags) -> dict:
+    return {"dropout": float(config.get("lora_dropout") or 0.0), **flags}
 
 
 def _configure_lora(layers, values) -> dict:
     del layers
-    return {"lora_dropout": _most_common([float(v.dropout) for v in values]) or 0.0}
+    dropouts = [float(getattr(v, "dropout", 0.0)) for v in values]
+    return {"lora_dropout": _most_common(dropouts) or 0.0}
 
 
+_LORA_CONV = dict(
+    name="Conv",
+    layer=eqx.nn.Conv,
+    tensors=(("lora_A.weight", "b"), ("lora_B.weight", "a")),
+    dims=_conv_dims,
+    rank_of=lambda fields: fields["b"].shape[0] if "b" in fields else None,
+    refuse=lambda layer: _refuse_conv(layer, groups=True, dilation=True),
+)
+_LORA_LINEAR = dict(
+    name="Linear",
+    layer=eqx.nn.Linear,
+    tensors=(("lora_A.weight", "b"), ("lora_B.weight", "a")),
+    dims=_lora_dims,
+    rank_of=_lora_rank,
+)
+
+
+def _new_lora(weight, rank, config, dtype, flags):
+    return LoraArray(weight, rank=rank, key=jr.key(0), dtype=dtype, **_lora_options(config, flags))
+
+
+def _new_dora(weight, rank, config, dtype, flags):
+    return DoraArray(weight, rank=rank, key=jr.key(0), dtype=dtype, **_lora_options(config, flags))
+
+
+_LORA_KINDS = (
+    PeftKind(adapter_type=LoraArray, layout=_lora_layout, new=_new_lora, **_LORA_LINEAR),
+    PeftKind(
+        adapter_type=LoraConvArray,
+        layout=_conv_layout,
+        new=lambda w, rank, config, dtype, flags: LoraConvArray(
+            w, rank=rank, key=jr.key(0), dtype=dtype, **flags
+        ),
+        **_LORA_CONV,
+    ),
+    PeftKind(
+        name="Embedding",
+        layer=eqx.nn.Embedding,
+        adapter_type=LoraEmbeddingArray,
+        tensors=(("lora_embedding_A", "a"), ("lora_embedding_B", "b")),
+        layout=_embedding_layout,
+        dims=lambda fields: (fields["a"].shape[1], fields["b"].shape[0]),
+        rank_of=lambda fields: fields["a"].shape[0] if "a" in fields else None,
+        new=lambda w, rank, config, dtype, flags: LoraEmbeddingArray(
+            w, rank=rank, key=jr.key(0), dtype=dtype, **flags
+        ),
+        to_peft=lambda fields: _transposed(fields, ("a", "b")),
+        from_peft=lambda fields: _transposed(fields, ("a", "b")),
+    ),
+)
+# PEFT's magnitude is the norm of `w + s·B@A` per output unit, as our `m`.
+_DORA_KINDS = (
+    PeftKind(
+        adapter_type=DoraArray,
+        layout=_dora_layout,
+        new=_new_dora,
+        **{**_LORA_LINEAR, "tensors": (*_LORA_LINEAR["tensors"], ("lora_magnitude_vector", "m"))},
+    ),
+    PeftKind(
+        adapter_type=DoraConvArray,
+        layout=_dora_conv_layout,
+        new=lambda w, rank, config, dtype, flags: DoraConvArray(
+            w, rank=rank, key=jr.key(0), dtype=dtype, **flags
+        ),
+        to_peft=_dora_conv_to_peft,
+        from_peft=_dora_conv_from_peft,
+        **{**_LORA_CONV, "tensors": (*_LORA_CONV["tensors"], ("lora_magnitude_vector", "m"))},
+    ),
+)
 # PEFT's LoraConfig entries, as PEFT writes them, with the values lora_jax uses.
 _LORA_DEFAULTS: dict[str, Any] = {
     "alpha_pattern": {},
@@ -219,16 +416,14 @@ _LORA_DEFAULTS: dict[str, Any] = {
     "use_rslora": False,
 }
 
-# --- LoKr -------------------------------------------------------------------------------
 
-
-def _lokr_layout(batch, out, inp, rank, config) -> Shapes:
+def _lokr_layout(batch, shape, rank, config) -> Shapes:
     """PEFT's rule (`LoKrLayer.update_layer` for a Linear): `out = l·k`, `in = p·q`
     split by `factorization(·, decompose_factor)`; `w1 (l, p)` is held as
     `w1_a (l, r) @ w1_b (r, p)` when `decompose_both` and `r < max(l, p)/2`, `w2 (k, q)`
     as `w2_a @ w2_b` when `r < max(k, q)/2`."""
-    if batch:
-        raise ValueError("LoKr adapters hold one matrix each; they cannot be stacked.")
+    _no_stacking(batch, "LoKr")
+    out, inp = shape
     factor = config.get("decompose_factor", -1)
     l, k = factorization(out, factor)
     p, q = factorization(inp, factor)
@@ -255,7 +450,7 @@ def _lokr_pairs(fields) -> tuple[tuple[int, int], tuple[int, int]]:
     return pair("w1", "w1_a", "w1_b"), pair("w2", "w2_a", "w2_b")
 
 
-def _lokr_dims(fields) -> tuple[int, int]:
+def _lokr_dims(fields) -> tuple[int, ...]:
     (l, p), (k, q) = _lokr_pairs(fields)
     return l * k, p * q
 
@@ -292,14 +487,14 @@ def _lokr_structure(layers: list[Layer]) -> dict:
     for layer in layers:
         (l, p), _ = _lokr_pairs(layer.fields)
         factors.extend((int(l), int(p)))
-    largest = max(max(layer.out, layer.inp) for layer in layers)
+    largest = max(max(layer.shape) for layer in layers)
     factors.extend(range(1, math.isqrt(largest) + 1))
     factors = list(dict.fromkeys(factors))
     for both in (False, True):
         for f in factors:
             config = {"decompose_both": both, "decompose_factor": f}
             if all(
-                _shapes(layer.fields) == _lokr_layout((), layer.out, layer.inp, layer.rank, config)
+                _shapes(layer.fields) == _lokr_layout((), layer.shape, layer.rank, config)
                 for layer in layers
             ):
                 return config
@@ -307,7 +502,7 @@ def _lokr_structure(layers: list[Layer]) -> dict:
     raise ValueError(
         "The LoKr adapters cannot be described by one PEFT LoKrConfig: no "
         "`decompose_both`/`decompose_factor` gives every layer the factors it holds "
-        f"(one layer holds {_shapes(first.fields)} for a ({first.out}, {first.inp}) "
+        f"(one layer holds {_shapes(first.fields)} for a {first.shape} "
         f"weight at rank {first.rank}). Adapt every layer with the same LoKr options."
     )
 
@@ -324,8 +519,9 @@ def _configure_lokr(layers, values) -> dict:
 # --- LoHa -------------------------------------------------------------------------------
 
 
-def _loha_layout(batch, out, inp, rank, config) -> Shapes:
+def _loha_layout(batch, shape, rank, config) -> Shapes:
     del config
+    out, inp = shape
     return {
         "w1a": (*batch, out, rank),
         "w1b": (*batch, rank, inp),
@@ -334,16 +530,47 @@ def _loha_layout(batch, out, inp, rank, config) -> Shapes:
     }
 
 
-def _new_loha(weight, rank, config, dtype, flags):
-    return LohaArray(
-        weight,
-        rank=rank,
-        key=jr.key(0),
-        rank_dropout=float(config.get("rank_dropout") or 0.0),
-        module_dropout=float(config.get("module_dropout") or 0.0),
-        dtype=dtype,
+def _loha_conv_layout(batch, shape, rank, config) -> Shapes:
+    """PEFT's LoHa conv without `use_effective_conv2d`: the kernel as the matrix
+    `(out, in/groups·window)`. (PEFT turns `use_effective_conv2d` off for a 1×1
+    kernel; for a larger one it builds Tucker cores, which lora_jax does not hold.)"""
+    _no_stacking(batch, "LoHa conv")
+    out, *rest = shape
+    if config.get("use_effective_conv2d", False) and math.prod(rest[1:]) > 1:
+        raise ValueError(
+            "`use_effective_conv2d=true` gives a LoHa conv with a kernel larger than 1 "
+            "PEFT's Tucker cores (`hada_t1`, `hada_t2`), which lora_jax does not hold; "
+            "only `use_effective_conv2d=false` adapters of such convs load."
+        )
+    return _loha_layout((), (out, math.prod(rest)), rank, config)
+
+
+def _loha_options(config, flags) -> dict:
+    return {
+        "rank_dropout": float(config.get("rank_dropout") or 0.0),
+        "module_dropout": float(config.get("module_dropout") or 0.0),
         **flags,
-    )
+    }
+
+
+_LOHA_LINEAR = dict(
+    name="Linear",
+    layer=eqx.nn.Linear,
+    tensors=(
+        ("hada_w1_a", "w1a"),
+        ("hada_w1_b", "w1b"),
+        ("hada_w2_a", "w2a"),
+        ("hada_w2_b", "w2b"),
+    ),
+    dims=lambda fields: (fields["w1a"].shape[-2], fields["w1b"].shape[-1]),
+    rank_of=lambda fields: fields["w1a"].shape[-1] if "w1a" in fields else None,
+)
+
+
+def _refuse_loha_conv(layer) -> str | None:
+    if isinstance(layer, eqx.nn.Conv) and layer.num_spatial_dims == 3:
+        return "PEFT's LoHa adapts Conv1d and Conv2d, not Conv3d"
+    return _refuse_conv(layer, groups=False, dilation=False)
 
 
 def _configure_loha(layers, values) -> dict:
@@ -386,47 +613,55 @@ _LOKR_DEFAULTS = {
 _LOHA_DEFAULTS = {**_LYCORIS_DEFAULTS, "peft_type": "LOHA"}
 
 
-# method name -> how PEFT stores it. A new method adds a row.
+# method name -> how PEFT stores it. A new method adds a row; a new layer kind, a
+# `PeftKind` in its method's row.
 PEFT_METHODS: dict[str, PeftMethod] = {
     "lora": PeftMethod(
         method="lora",
         peft_type="LORA",
-        adapter_type=LoraArray,
         flags={"use_dora": False},
-        tensors=(("lora_A.weight", "b"), ("lora_B.weight", "a")),
-        layout=_lora_layout,
-        dims=_lora_dims,
-        rank_of=lambda fields: fields["a"].shape[-1] if "a" in fields else None,
-        new=_new_lora,
+        kinds=_LORA_KINDS,
         configure=_configure_lora,
         defaults=_LORA_DEFAULTS,
     ),
     "dora": PeftMethod(
         method="dora",
         peft_type="LORA",
-        adapter_type=DoraArray,
         flags={"use_dora": True},
-        # PEFT's magnitude is the norm of `w + s·B@A` per output unit, as our `m`.
-        tensors=(("lora_A.weight", "b"), ("lora_B.weight", "a"), ("lora_magnitude_vector", "m")),
-        layout=_dora_layout,
-        dims=_lora_dims,
-        rank_of=lambda fields: fields["a"].shape[-1] if "a" in fields else None,
-        new=_new_dora,
+        kinds=_DORA_KINDS,
         configure=_configure_lora,
         defaults=_LORA_DEFAULTS,
+        unsupported={
+            s: "part of a DoRA adapter of an Embedding, which lora_jax does not have "
+            "(it adapts Embeddings with LoRA)"
+            for s in ("lora_embedding_A", "lora_embedding_B")
+        },
     ),
     "lokr": PeftMethod(
         method="lokr",
         peft_type="LOKR",
-        adapter_type=LokrArray,
         flags={},
-        tensors=tuple((f"lokr_{f}", f) for f in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")),
-        layout=_lokr_layout,
-        dims=_lokr_dims,
-        rank_of=_lokr_rank,
-        new=_new_lokr,
+        kinds=(
+            PeftKind(
+                name="Linear",
+                layer=eqx.nn.Linear,
+                adapter_type=LokrArray,
+                tensors=tuple(
+                    (f"lokr_{f}", f) for f in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+                ),
+                layout=_lokr_layout,
+                dims=_lokr_dims,
+                rank_of=_lokr_rank,
+                new=_new_lokr,
+            ),
+        ),
         configure=_configure_lokr,
         defaults=_LOKR_DEFAULTS,
+        unsupported={
+            s: "a Tucker core of `use_effective_conv2d=true`, which lora_jax does not hold "
+            "(it loads `use_effective_conv2d=false` conv adapters)"
+            for s in ("lokr_t2",)
+        },
         alpha_key="alpha",
         rslora=False,
         bias=False,
@@ -434,20 +669,33 @@ PEFT_METHODS: dict[str, PeftMethod] = {
     "loha": PeftMethod(
         method="loha",
         peft_type="LOHA",
-        adapter_type=LohaArray,
         flags={},
-        tensors=(
-            ("hada_w1_a", "w1a"),
-            ("hada_w1_b", "w1b"),
-            ("hada_w2_a", "w2a"),
-            ("hada_w2_b", "w2b"),
+        kinds=(
+            PeftKind(
+                adapter_type=LohaArray,
+                layout=_loha_layout,
+                new=lambda w, rank, config, dtype, flags: LohaArray(
+                    w, rank=rank, key=jr.key(0), dtype=dtype, **_loha_options(config, flags)
+                ),
+                **_LOHA_LINEAR,
+            ),
+            PeftKind(
+                adapter_type=LohaConvArray,
+                layout=_loha_conv_layout,
+                new=lambda w, rank, config, dtype, flags: LohaConvArray(
+                    w, rank=rank, key=jr.key(0), dtype=dtype, **_loha_options(config, flags)
+                ),
+                refuse=_refuse_loha_conv,
+                **{**_LOHA_LINEAR, "name": "Conv", "layer": eqx.nn.Conv},
+            ),
         ),
-        layout=_loha_layout,
-        dims=lambda fields: (fields["w1a"].shape[-2], fields["w1b"].shape[-1]),
-        rank_of=lambda fields: fields["w1a"].shape[-1] if "w1a" in fields else None,
-        new=_new_loha,
         configure=_configure_loha,
         defaults=_LOHA_DEFAULTS,
+        unsupported={
+            s: "a Tucker core of `use_effective_conv2d=true`, which lora_jax does not hold "
+            "(it loads `use_effective_conv2d=false` conv adapters)"
+            for s in ("hada_t1", "hada_t2")
+        },
         alpha_key="alpha",
         rslora=False,
         bias=False,
@@ -615,14 +863,17 @@ _VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _method_for_type(value) -> PeftMethod:
+def _method_for_type(adapter_type: type) -> tuple[PeftMethod, PeftKind]:
     for m in PEFT_METHODS.values():
-        if type(value) is m.adapter_type:
-            return m
+        for kind in m.kinds:
+            if adapter_type is kind.adapter_type:
+                return m, kind
+    held = ", ".join(
+        f"{m.method} ({', '.join(k.name for k in m.kinds)})" for m in PEFT_METHODS.values()
+    )
     raise TypeError(
-        f"Adapters of type {type(value).__name__} have no PEFT format in lora_jax "
-        f"(PEFT directories hold {', '.join(sorted(PEFT_METHODS))}); save them with "
-        "`lora_jax.save_adapter`."
+        f"Adapters of type {adapter_type.__name__} have no PEFT format in lora_jax "
+        f"(PEFT directories hold {held}); save them with `lora_jax.save_adapter`."
     )
 
 
@@ -711,9 +962,15 @@ def _split_key(key: str, suffixes, path: str):
     return rest, module, suffix
 
 
+def _refuse_suffix(key: str, rest: str, method: PeftMethod, where: str) -> None:
+    for suffix, why in method.unsupported.items():
+        if rest.endswith("." + suffix):
+            raise ValueError(f"Tensor {key!r} in {where!r} is {why}.")
+
+
 def _other_method_suffix(rest: str, method: PeftMethod) -> PeftMethod | None:
     for m in PEFT_METHODS.values():
-        if m is not method and any(rest.endswith("." + s) for s, _ in m.tensors):
+        if m is not method and any(rest.endswith("." + s) for s in m.suffixes):
             return m
     return None
 
@@ -830,8 +1087,8 @@ def peft_contents(
         )
     tensors: dict[str, np.ndarray] = {}
     entries = {}  # torch module name -> (rank, alpha)
-    suffix_of = {f: s for s, f in method.tensors}
     for module, layer in layers.items():
+        suffix_of = {f: s for s, f in layer.kind.tensors}
         for f, arr in layer.fields.items():
             tensors[f"{PREFIX}{module}.{suffix_of[f]}"] = arr
         entries[module] = (layer.rank, snap_alpha(layer.scaling, layer.rank, rslora))
@@ -869,7 +1126,7 @@ def peft_contents(
     if method.bias:
         config["bias"] = train_bias
     for module, layer in layers.items():
-        want = method.layout((), layer.out, layer.inp, layer.rank, config)
+        want = layer.kind.layout((), layer.shape, layer.rank, config)
         if _shapes(layer.fields) != want:
             raise ValueError(
                 f"PEFT would build module {module!r} with tensors {want}, but the adapter "
@@ -878,12 +1135,12 @@ def peft_contents(
     return tensors, config
 
 
-def _layers_of(path: str, value, method: PeftMethod, torch_name: str) -> dict[str, Layer]:
-    """`{torch module: Layer}` for one adapter value: one entry, or one per layer of a
-    stacked value (whose torch name must hold `{i}`)."""
-    fields = {f: np.asarray(getattr(value, f)) for f in saved_fields(value) if f in method.fields}
+def _layers_of(path: str, value, layer, kind: PeftKind, torch_name: str) -> dict[str, Layer]:
+    """`{torch module: Layer}` for one adapter value of `layer`: one entry, or one per
+    layer of a stacked value (whose torch name must hold `{i}`)."""
+    fields = {f: np.asarray(getattr(value, f)) for f in saved_fields(value) if f in kind.fields}
     scaling = np.asarray(value.scaling, np.float32)
-    *batch, out, inp = value._w.shape
+    batch, shape = kind.split(layer, tuple(value._w.shape))
     rank = int(value.rank)
     if not batch:
         if INDEX in torch_name:
@@ -891,7 +1148,8 @@ def _layers_of(path: str, value, method: PeftMethod, torch_name: str) -> dict[st
                 f"`name_map` gives {torch_name!r} for the adapter at {path!r}, but that "
                 f"adapter is not stacked; {INDEX} is only for stacked layers."
             )
-        return {torch_name: Layer(fields, float(scaling), rank, out, inp)}
+        return {torch_name: Layer(kind.to_peft(fields), float(scaling), rank, shape, kind)}
+    kind.layout(batch, shape, rank, {})  # a kind that cannot be stacked says so
     if len(batch) != 1 or INDEX not in torch_name:
         raise ValueError(
             f"The adapter at {path!r} is stacked (weight shape {tuple(value._w.shape)}); "
@@ -904,7 +1162,7 @@ def _layers_of(path: str, value, method: PeftMethod, torch_name: str) -> dict[st
         )
     return {
         torch_name.replace(INDEX, str(i)): Layer(
-            {f: a[i] for f, a in fields.items()}, float(scaling[i]), rank, out, inp
+            kind.to_peft({f: a[i] for f, a in fields.items()}), float(scaling[i]), rank, shape, kind
         )
         for i in range(batch[0])
     }
@@ -928,7 +1186,10 @@ def save_peft(
 
     - `directory`: where to write `adapter_config.json` and
         `adapter_model.safetensors` (created if missing; each file written atomically).
-    - `model`: a model adapted with one method: LoRA (rsLoRA), DoRA, LoKr or LoHa.
+    - `model`: a model adapted with one method: LoRA (rsLoRA), DoRA, LoKr or LoHa,
+        on any of the layers PEFT adapts with it (LoRA: Linear, Conv1d/2d/3d and
+        Embedding; DoRA: Linear and Conv1d/2d/3d; LoHa: Linear, Conv1d/2d; LoKr:
+        Linear).
     - `name_map`: maps our module names (`layers.0`, from the PyTree path) to the torch
         model's (`model.layers.0.mlp.up_proj`): a dict (names not in it are kept) or a
         callable. A stacked module (weights with a leading layer axis) maps to a name
@@ -946,8 +1207,13 @@ def save_peft(
 
     Our `a` (`out × r`) is PEFT's `lora_B.weight`, our `b` (`r × in`) its
     `lora_A.weight`; DoRA's `m` is `lora_magnitude_vector`; LoKr's `w1`, `w1_a`, ...
-    are `lokr_w1`, `lokr_w1_a`, ... and LoHa's `w1a`, ... are `hada_w1_a`, ....
-    `lora_alpha` (`alpha`) is chosen so that PEFT's scaling equals each layer's scaling
+    are `lokr_w1`, `lokr_w1_a`, ... and LoHa's `w1a`, ... are `hada_w1_a`, .... A conv
+    adapter's tensors are PEFT's as they are (DoRA's `m` is reshaped to `(1, out, 1,
+    ...)`, a conv's bias to `(out,)`); an embedding's `a` and `b` are PEFT's
+    `lora_embedding_A` and `lora_embedding_B` transposed. A layer whose PEFT module
+    would compute something else (a grouped or dilated conv for LoRA and DoRA, padding
+    other than zeros, the `"balanced"` conv form, a `ConvTranspose`) is a ValueError
+    naming it. `lora_alpha` (`alpha`) is chosen so that PEFT's scaling equals each layer's scaling
     (quax's scaling of 1 gives `lora_alpha = r`); layers whose rank or alpha differ
     from the most common go to `rank_pattern` / `alpha_pattern`. For LoKr,
     `decompose_both` and `decompose_factor` are those under which PEFT builds each
@@ -999,16 +1265,25 @@ def save_peft(
                 f"The adapter at {path!r} is not the weight of a layer PEFT knows "
                 f"({', '.join(t.__name__ for t in LAYERS)}); PEFT cannot name it."
             )
-        m = _method_for_type(value)
+        m, kind = _method_for_type(type(value))
         if method is not None and m is not method:
             raise ValueError(
                 f"`model` mixes {method.method!r} and {m.method!r} adapters; a PEFT "
                 "adapter directory holds one method."
             )
         method = m
-        if value._w.ndim > 2:
-            stacks[module] = value._w.shape[0]
-        for name, one in _layers_of(path, value, m, mapped(module)).items():
+        why = kind.refuse(layer)
+        if why is None and getattr(value, "form", "peft") != "peft":
+            why = f"its conv_form is {value.form!r}, but PEFT's conv LoRA is the 'peft' form"
+        if why is not None:
+            raise ValueError(
+                f"The adapter at {path!r} has no PEFT form: {why}. Save it with "
+                "`lora_jax.save_adapter`."
+            )
+        batch, _ = kind.split(layer, tuple(value._w.shape))
+        if batch:
+            stacks[module] = batch[0]
+        for name, one in _layers_of(path, value, layer, kind, mapped(module)).items():
             if name in layers_out:
                 raise ValueError(
                     f"Two adapters of `model` would be saved as PEFT module {name!r}; check "
@@ -1021,7 +1296,7 @@ def save_peft(
     extra: dict[str, np.ndarray] = {}
 
     def add_extra(name: str, key: str, leaf) -> None:
-        arr = np.asarray(leaf)
+        arr = _torch_bias(layers, name, np.asarray(leaf))
         if INDEX in key:
             module = name.rpartition(".")[0]
             n = stacks.get(module)
@@ -1066,6 +1341,15 @@ def save_peft(
         task_type=task_type,
     )
     write_peft_dir(directory, tensors, config)
+
+
+def _torch_bias(layers: dict[str, Any], name: str, arr: np.ndarray) -> np.ndarray:
+    """A conv's bias as torch holds it: Equinox's `(out, 1, ...)` is torch's `(out,)`."""
+    owner, _, leaf = name.rpartition(".")
+    layer = layers.get(owner)
+    if leaf == "bias" and isinstance(layer, (eqx.nn.Conv, eqx.nn.ConvTranspose)):
+        return arr.reshape(arr.shape[: arr.ndim - layer.num_spatial_dims])
+    return arr
 
 
 def write_peft_dir(directory, tensors: dict[str, np.ndarray], config: dict) -> None:
@@ -1135,31 +1419,35 @@ def _rank_alpha(config: dict, method: PeftMethod, module: str) -> tuple[int, flo
 
 def check_layer(
     method: PeftMethod,
+    kind: PeftKind,
     config: dict,
     module: str,
     fields: dict,
     shape: tuple[int, ...] | None,
     where: str,
 ) -> tuple[int, float]:
-    """Checks one PEFT module's tensors against the config and (when known) the
-    weight's `(out, in)`: `(rank, scaling)`."""
+    """Checks one PEFT module's tensors (by our field names, in PEFT's layout) against
+    the config and (when known) the weight's shape: `(rank, scaling)`."""
     rank, alpha = _rank_alpha(config, method, module)
-    suffix_of = {f: s for s, f in method.tensors}
-    got = method.rank_of(fields)
+    suffix_of = {f: s for s, f in kind.tensors}
+    got = kind.rank_of(fields)
     if got is not None and got != rank:
         raise ValueError(
             f"{where!r}: module {module!r} has rank {got}, but {CONFIG_NAME} says {rank}."
         )
     if shape is None:
         try:
-            shape = method.dims(fields)
+            shape = kind.dims(fields)
         except (KeyError, IndexError):
-            missing = [suffix_of[f] for f in method.fields if f not in fields]
+            missing = [suffix_of[f] for f in kind.fields if f not in fields]
             raise ValueError(
                 f"{where!r}: module {module!r} lacks tensors ({', '.join(missing)} among them)."
             ) from None
-    out, inp = shape
-    want = method.layout((), out, inp, rank, config)
+    try:
+        want = kind.layout((), shape, rank, config)
+    except ValueError as e:
+        raise ValueError(f"{where!r}: module {module!r}: {e}") from None
+    weight = f"{kind.name} weight {tuple(shape)}"
     for f in want:
         if f not in fields:
             raise ValueError(f"{where!r} lacks {PREFIX}{module}.{suffix_of[f]}.")
@@ -1167,13 +1455,13 @@ def check_layer(
         if f not in want:
             raise ValueError(
                 f"{where!r} has {PREFIX}{module}.{suffix_of[f]}, which PEFT does not build "
-                f"for a ({out}, {inp}) weight at rank {rank} with this {CONFIG_NAME} "
+                f"for a {weight} at rank {rank} with this {CONFIG_NAME} "
                 f"(it builds {', '.join(suffix_of[x] for x in want)})."
             )
         if tuple(arr.shape) != want[f]:
             raise ValueError(
                 f"{where!r}: {PREFIX}{module}.{suffix_of[f]} has shape {tuple(arr.shape)}, "
-                f"but a ({out}, {inp}) weight at rank {rank} needs {want[f]}."
+                f"but a {weight} at rank {rank} needs {want[f]}."
             )
     rslora = bool(config.get("use_rslora", False)) and method.rslora
     return rank, peft_scaling(alpha, rank, rslora)
@@ -1220,11 +1508,13 @@ def load_peft(
 
     **Returns:**
 
-    The adapted model. Each adapted layer's weight becomes the method's value:
-    a [`lora_jax.LoraArray`][] (`a = lora_B`, `b = lora_A`), a
+    The adapted model. Each adapted layer's weight becomes the method's value for its
+    layer: a [`lora_jax.LoraArray`][] (`a = lora_B`, `b = lora_A`), a
     `lora_jax.DoraArray` (`m = lora_magnitude_vector`), a `lora_jax.LokrArray`
-    or a `lora_jax.LohaArray`, with PEFT's scaling (`alpha/r`, or `/sqrt(r)` with
-    `use_rslora`; `rank_pattern`/`alpha_pattern` honoured). Saved biases and
+    or a `lora_jax.LohaArray` for a Linear; a `lora_jax.LoraConvArray`,
+    `lora_jax.DoraConvArray` or `lora_jax.LohaConvArray` for a Conv; a
+    `lora_jax.LoraEmbeddingArray` for an Embedding; with PEFT's scaling (`alpha/r`,
+    or `/sqrt(r)` with `use_rslora`; `rank_pattern`/`alpha_pattern` honoured). Saved biases and
     `modules_to_save` leaves replace the model's. Everything (the config's keys and
     values, every tensor's name and shape) is checked before the new model is built:
     an unsupported `peft_type`, an unknown config key, or a tensor for a module the
@@ -1286,10 +1576,10 @@ def load_peft(
     wpath = os.path.join(directory, WEIGHTS_NAME)
     after_map = " (after `name_map`)" if name_map is not None else ""
 
-    suffixes = dict(method.tensors)
+    suffixes = method.suffixes
     factors: dict[
         str, dict[int | None, tuple[str, dict]]
-    ] = {}  # ours -> index -> (torch module, fields)
+    ] = {}  # ours -> index -> (torch module, {PEFT suffix: array})
     plain: dict[str, dict[int | None, np.ndarray]] = {}  # our leaf -> index -> array
     for key, arr in tensors.items():
         rest, module, suffix = _split_key(key, suffixes, wpath)
@@ -1302,8 +1592,9 @@ def load_peft(
                     f"{', '.join(repr(mapped(n)) for n in list(layers)[:8])}."
                 )
             ours, i = hit
-            factors.setdefault(ours, {}).setdefault(i, (module, {}))[1][suffixes[suffix]] = arr
+            factors.setdefault(ours, {}).setdefault(i, (module, {}))[1][suffix] = arr
             continue
+        _refuse_suffix(key, rest, method, wpath)
         other = _other_method_suffix(rest, method)
         if other is not None:
             raise ValueError(
@@ -1326,6 +1617,8 @@ def load_peft(
                 f"Tensor {key!r} in {wpath!r} is layer {i} of {ours!r}, which has "
                 f"{like.shape[0] if like.shape else 0}."
             )
+        if tuple(arr.shape) == _torch_bias(layers, ours, np.broadcast_to(0, want)).shape:
+            arr = arr.reshape(want)  # a conv's bias, `(out,)` in torch
         if tuple(arr.shape) != want:
             raise ValueError(
                 f"Tensor {key!r} in {wpath!r} has shape {tuple(arr.shape)}, but `model`'s "
@@ -1342,7 +1635,19 @@ def load_peft(
         weight_field = LAYERS[type(layer)].field
         current = getattr(layer, weight_field)
         base = current._w if is_adapter(current) else current
-        *batch, out, inp = base.shape
+        kind = method.kind_of_layer(layer)
+        why = (
+            f"PEFT's {method.method} adapters in lora_jax are for "
+            f"{', '.join(k.name for k in method.kinds)} layers"
+            if kind is None
+            else kind.refuse(layer)
+        )
+        if why is not None:
+            raise ValueError(
+                f"{wpath!r} has an adapter for {ours!r}, an {type(layer).__name__}, which "
+                f"lora_jax cannot load: {why}."
+            )
+        batch, shape = kind.split(layer, tuple(base.shape))
         stacked_parts = any(i is not None for i in parts)
         if stacked_parts and len(batch) != 1:
             raise ValueError(
@@ -1355,17 +1660,21 @@ def load_peft(
                 f"{ours!r} is stacked (weight shape {tuple(base.shape)}); map it to a name "
                 f"with {INDEX} in `name_map` (`{{{ours!r}: 'layers.{INDEX}...'}}`)."
             )
-        if not isinstance(layer, eqx.nn.Linear):
-            raise ValueError(
-                f"{wpath!r} has an adapter for {ours!r}, an {type(layer).__name__}; "
-                "lora_jax reads PEFT adapters of Linear layers."
-            )
         per_layer = _gather(parts, batch[0] if stacked_parts else None, "adapter tensors", wpath)
-        ranks, scalings = [], []
-        for module, fields in per_layer:
-            rank, scaling = check_layer(method, config, module, fields, (out, inp), wpath)
+        own = dict(kind.tensors)
+        ranks, scalings, converted = [], [], []
+        for module, by_suffix in per_layer:
+            for suffix in by_suffix:
+                if suffix not in own:
+                    raise ValueError(
+                        f"{wpath!r} has {PREFIX}{module}.{suffix}, which PEFT does not build "
+                        f"for {ours!r}, a {kind.name} layer."
+                    )
+            fields = {own[suffix]: arr for suffix, arr in by_suffix.items()}
+            rank, scaling = check_layer(method, kind, config, module, fields, shape, wpath)
             ranks.append(rank)
             scalings.append(scaling)
+            converted.append(kind.from_peft(fields))
         if len(set(ranks)) > 1:
             raise ValueError(
                 f"{wpath!r} has ranks {ranks} for the layers stacked in {ours!r}; a stack "
@@ -1373,20 +1682,17 @@ def load_peft(
             )
         if batch:
             try:
-                method.layout(tuple(batch), out, inp, ranks[0], config)
+                kind.layout(batch, shape, ranks[0], config)
             except ValueError as e:
                 raise ValueError(
                     f"{wpath!r} cannot be loaded into the stacked {ours!r}: {e}"
                 ) from None
-        names = list(per_layer[0][1])
         arrays = {
-            f: np.stack([fields[f] for _, fields in per_layer])
-            if stacked_parts
-            else per_layer[0][1][f]
-            for f in names
+            f: np.stack([fields[f] for fields in converted]) if stacked_parts else converted[0][f]
+            for f in converted[0]
         }
         scaling = np.asarray(scalings if stacked_parts else scalings[0], np.float32)
-        plans.append((ours, weight_field, current, base, ranks[0], arrays, scaling))
+        plans.append((ours, weight_field, current, base, kind, ranks[0], arrays, scaling))
     if adapter is not None:
         places = {f"{ours}.{field}" for ours, field, *_ in plans}
         stack_places = {
@@ -1417,9 +1723,9 @@ def load_peft(
 
     # Building.
     replacements: dict[str, Any] = {}
-    for ours, weight_field, current, base, rank, arrays, scaling in plans:
+    for ours, weight_field, current, base, kind, rank, arrays, scaling in plans:
         replacements[f"{ours}.{weight_field}"] = _build(
-            method, current, base, rank, arrays, scaling, config, dtype
+            kind, current, base, rank, arrays, scaling, config, dtype
         )
 
     def swap(path, leaf):
@@ -1437,7 +1743,7 @@ def load_peft(
 
 
 def _build(
-    method: PeftMethod,
+    kind: PeftKind,
     current,
     base,
     rank: int,
@@ -1452,9 +1758,9 @@ def _build(
     dtype = dtype if dtype is not None else next(iter(arrays.values())).dtype
     arrays = {f: np.asarray(a).astype(dtype) for f, a in arrays.items()}
     same = (
-        type(current) is method.adapter_type
+        type(current) is kind.adapter_type
         and set(saved_fields(current)) - {"scaling"} == set(arrays)
-        and getattr(current, "r", rank) == rank
+        and all(getattr(current, f).shape == a.shape for f, a in arrays.items())
         and not getattr(current, "transposed", False)
         and getattr(current, "axis", -2) == -2
     )
@@ -1468,7 +1774,7 @@ def _build(
                 "stop_gradient": current.stop_gradient,
                 "allow_materialise": current.allow_materialise,
             }
-        value = method.new(base, rank, config, dtype, flags)
+        value = kind.new(base, rank, config, dtype, flags)
         new = {f: jnp.asarray(a) for f, a in arrays.items()}
     names = list(new)
     return eqx.tree_at(
@@ -1505,16 +1811,24 @@ def lora_jax_file_to_peft(src, dst, *, rslora: bool = False, adapter: str | None
         methods = {"lora"}
     elif adapter is not None:
         raise ValueError(f"{where!r} holds no stacked adapters; leave `adapter` out.")
-    if len(methods) != 1 or next(iter(methods)) not in PEFT_METHODS:
+    by_format = {
+        FORMATS[kind.adapter_type].method: (m, kind)
+        for m in PEFT_METHODS.values()
+        for kind in m.kinds
+    }
+    unknown = sorted(methods - set(by_format))
+    peft_methods = {by_format[f][0].method for f in methods if f in by_format}
+    if unknown or len(peft_methods) != 1:
         raise ValueError(
-            f"{where!r} holds {sorted(methods)} adapters; PEFT directories "
-            f"hold one of {sorted(PEFT_METHODS)}."
+            f"{where!r} holds {sorted(methods)} adapters; a PEFT directory holds one "
+            f"method, with the formats {sorted(by_format)}."
         )
-    method = PEFT_METHODS[methods.pop()]
+    method = PEFT_METHODS[peft_methods.pop()]
     layers = {}
     for path in info:
         module = path.rpartition(".")[0]
-        fields = {f: tensors[f"{path}.{f}"] for f in method.fields if f"{path}.{f}" in tensors}
+        kind = by_format[info[path]["method"]][1]
+        fields = {f: tensors[f"{path}.{f}"] for f in kind.fields if f"{path}.{f}" in tensors}
         scaling = tensors[f"{path}.scaling"]
         if scaling.ndim != 0:
             raise ValueError(
@@ -1524,20 +1838,28 @@ def lora_jax_file_to_peft(src, dst, *, rslora: bool = False, adapter: str | None
                 f"the stacked module to a name with {INDEX}."
             )
         try:
-            out, inp = method.dims(fields)
-        except (KeyError, IndexError):
+            fields = kind.to_peft(fields)
+            shape = kind.dims(fields)
+        except (KeyError, IndexError, AttributeError):
             raise ValueError(
                 f"{where!r}: the {method.method} adapter at {path!r} lacks tensors."
             ) from None
-        rank = int(info[path].get("rank", method.rank_of(fields) or 0))
-        layers[module] = Layer(fields, float(scaling), rank, out, inp)
+        rank = int(info[path].get("rank", kind.rank_of(fields) or 0))
+        layers[module] = Layer(fields, float(scaling), rank, shape, kind)
     extra = {}
     for name in extras:
         owner = name.rpartition(".")[0]
+        arr = tensors[name]
+        weight = tensors.get(f"{owner}.weight")
+        conv = (owner in layers and layers[owner].kind.layer is eqx.nn.Conv) or (
+            weight is not None and weight.ndim > 2
+        )
+        if name.endswith(".bias") and conv:
+            arr = arr.reshape(-1)  # Equinox's conv bias `(out, 1, ...)` is torch's `(out,)`
         if name.endswith(".bias") and owner in layers and train_bias != "none":
-            extra[owner + ".base_layer.bias"] = tensors[name]
+            extra[owner + ".base_layer.bias"] = arr
         else:
-            extra[name] = tensors[name]
+            extra[name] = arr
     out_tensors, config = peft_contents(
         method,
         layers,
@@ -1574,6 +1896,10 @@ def _pick_adapter(tensors, info, name):
     return out, picked
 
 
+def _one_or_mixed(methods: list[str]) -> str:
+    return methods[0] if len(set(methods)) == 1 else "mixed"
+
+
 def peft_to_lora_jax_file(src, dst) -> None:
     """Rewrites a PEFT adapter directory as a [`lora_jax.save_adapter`][] file; PEFT's
     module `<module>` becomes our adapter at `<module>.weight`. Every module's tensors
@@ -1584,15 +1910,16 @@ def peft_to_lora_jax_file(src, dst) -> None:
     where = os.fspath(src)
     cpath = os.path.join(where, CONFIG_NAME)
     method = method_for_config(config, cpath)
-    suffixes = dict(method.tensors)
-    modules: dict[str, dict[str, np.ndarray]] = {}
+    suffixes = method.suffixes
+    modules: dict[str, dict[str, np.ndarray]] = {}  # module -> {PEFT suffix: array}
     out: dict[str, np.ndarray] = {}
     extras = []
     for key, arr in tensors.items():
         rest, module, suffix = _split_key(key, suffixes, where)
         if suffix is not None:
-            modules.setdefault(module, {})[suffixes[suffix]] = arr
+            modules.setdefault(module, {})[suffix] = arr
             continue
+        _refuse_suffix(key, rest, method, where)
         other = _other_method_suffix(rest, method)
         if other is not None:
             raise ValueError(
@@ -1606,19 +1933,40 @@ def peft_to_lora_jax_file(src, dst) -> None:
     if not modules:
         raise ValueError(f"{where!r} holds no {method.method} tensors.")
     info: dict[str, dict] = {}
-    for module, fields in modules.items():
-        rank, scaling = check_layer(method, config, module, fields, None, where)
+    kernel_ndim = {}  # conv module -> its kernel's number of dimensions
+    for module, by_suffix in modules.items():
+        kind = method.kind_of_tensors(by_suffix)
+        own = dict(kind.tensors)
+        fields = {own[suffix]: arr for suffix, arr in by_suffix.items() if suffix in own}
+        if len(fields) != len(by_suffix):
+            raise ValueError(
+                f"{where!r}: module {module!r} mixes the tensors of several layer kinds "
+                f"({', '.join(sorted(by_suffix))})."
+            )
+        rank, scaling = check_layer(method, kind, config, module, fields, None, where)
         path = f"{module}.weight"
-        for f, arr in fields.items():
+        for f, arr in kind.from_peft(fields).items():
             out[f"{path}.{f}"] = arr
         s = np.asarray(scaling, np.float32)
         out[f"{path}.scaling"] = s
-        info[path] = {"method": method.method, "rank": rank, "scaling": float(s)}
+        info[path] = {
+            "method": FORMATS[kind.adapter_type].method,
+            "rank": rank,
+            "scaling": float(s),
+        }
+        if kind.layer is eqx.nn.Conv:
+            kernel_ndim[module] = len(kind.dims(fields))
+    for name in extras:
+        owner, _, leaf = name.rpartition(".")
+        weight = out.get(f"{owner}.weight")
+        ndim = kernel_ndim.get(owner, weight.ndim if weight is not None else 2)
+        if leaf == "bias" and ndim > 2 and out[name].ndim == 1:
+            out[name] = out[name].reshape(-1, *(1,) * (ndim - 2))  # Equinox's conv bias
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "lora_jax_version": __version__,
-        "method": method.method,
+        "method": _one_or_mixed([e["method"] for e in info.values()]),
         "rank": json.dumps(_most_common([e["rank"] for e in info.values()])),
         "scaling": json.dumps(_most_common([e["scaling"] for e in info.values()])),
         "targets": json.dumps(list(info)),

@@ -13,6 +13,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 import quax
+from safetensors.numpy import load_file
 
 import lora_jax as lora
 from lora_jax._io import saved_fields
@@ -579,7 +580,7 @@ def test_stacked_errors(tmp_path, getkey):
     )
     lokr.save_pretrained(str(tmp_path / "lokr"))
     with pytest.raises(
-        ValueError, match="into the stacked 'blocks': LoKr adapters hold one matrix each"
+        ValueError, match="into the stacked 'blocks': LoKr adapters hold one weight each"
     ):
         lora.load_peft(tmp_path / "lokr", base, name_map=_stack_map)
 
@@ -671,8 +672,8 @@ def test_errors(tmp_path, getkey):
     wrong = Net(getkey(), (4, 6, 7, 3))
     with pytest.raises(
         ValueError,
-        match=r"head\.lora_A\.weight has shape \(2, 8\), but a \(3, 7\) weight at rank 2 needs "
-        r"\(2, 7\)",
+        match=r"head\.lora_A\.weight has shape \(2, 8\), but a Linear weight \(3, 7\) at rank 2 "
+        r"needs \(2, 7\)",
     ):
         lora.load_peft(tmp_path, wrong)
     with pytest.raises(ValueError, match="one-to-one"):
@@ -870,3 +871,317 @@ def test_loha_conv_equals_peft_forward(getkey):
     with torch.no_grad():  # `init_weights=False`: the update is not zero
         assert not np.allclose(expected, layer.base_layer(torch.from_numpy(x)).numpy())
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# --- Conv and Embedding layers ------------------------------------------------------------
+
+
+class ConvNet(eqx.Module):
+    """Two convs of `dims` spatial dimensions: a 3-wide one (stride 2, padding 1) and a
+    1×1 one, with biases."""
+
+    conv: eqx.nn.Conv
+    mix: eqx.nn.Conv
+
+    def __init__(self, key, dims=2):
+        k1, k2 = jr.split(key)
+        self.conv = eqx.nn.Conv(dims, 3, 5, 3, stride=2, padding=1, key=k1)
+        self.mix = eqx.nn.Conv(dims, 5, 4, 1, key=k2)
+
+    def __call__(self, x):
+        return self.mix(jnp.tanh(self.conv(x)))
+
+
+class TorchConvNet(torch.nn.Module):
+    def __init__(self, dims=2):
+        super().__init__()
+        conv = getattr(torch.nn, f"Conv{dims}d")
+        self.conv = conv(3, 5, 3, stride=2, padding=1)
+        self.mix = conv(5, 4, 1)
+
+    def forward(self, x):
+        return self.mix(torch.tanh(self.conv(x)))
+
+
+class EmbedNet(eqx.Module):
+    """Token embeddings, a Conv1d over the sequence and a Linear head: LoRA's three
+    layer kinds in one model."""
+
+    embed: eqx.nn.Embedding
+    conv: eqx.nn.Conv1d
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2, k3 = jr.split(key, 3)
+        self.embed = eqx.nn.Embedding(11, 4, key=k1)
+        self.conv = eqx.nn.Conv1d(4, 6, 3, padding=1, key=k2)
+        self.head = eqx.nn.Linear(6, 3, key=k3)
+
+    def __call__(self, tokens):
+        x = jax.vmap(self.embed)(tokens).T  # (channels, length)
+        return self.head(jnp.tanh(self.conv(x)).mean(axis=-1))
+
+
+class TorchEmbedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 4)
+        self.conv = torch.nn.Conv1d(4, 6, 3, padding=1)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        x = self.embed(tokens).transpose(1, 2)
+        return self.head(torch.tanh(self.conv(x)).mean(dim=-1))
+
+
+def _copy_into_torch(model, tmodel):
+    """The Equinox model's base weights and biases into the torch model's modules of
+    the same names (a conv's bias `(out, 1, ...)` is torch's `(out,)`)."""
+    base = lora.materialise(lora.unloraify(model)[0])
+    with torch.no_grad():
+        for name, module in tmodel.named_children():
+            ours = getattr(base, name)
+            module.weight.copy_(torch.tensor(np.array(ours.weight)))
+            if getattr(module, "bias", None) is not None:
+                module.bias.copy_(torch.tensor(np.array(ours.bias)).reshape(-1))
+    return tmodel.eval()
+
+
+def _dense_kernel(w) -> np.ndarray:
+    """A conv or embedding adapter's weight, written plainly from its formula."""
+    if not lora.is_adapter(w):
+        return _f64(w)
+    base, s = _f64(w._w), float(w.scaling)
+    if isinstance(w, (lora.LoraConvArray, lora.DoraConvArray)):  # the "peft" form
+        v = base + s * np.einsum("or,ri...->oi...", _f64(w.a).reshape(w.a.shape[:2]), _f64(w.b))
+        if isinstance(w, lora.LoraConvArray):
+            return v
+        norm = np.sqrt((v**2).reshape(len(v), -1).sum(1))
+        return v * (_f64(w.m) / norm).reshape(-1, *(1,) * (v.ndim - 1))
+    if isinstance(w, lora.LohaConvArray):
+        delta = (_f64(w.w1a) @ _f64(w.w1b)) * (_f64(w.w2a) @ _f64(w.w2b))
+        return base + s * delta.reshape(base.shape)
+    if isinstance(w, lora.LoraEmbeddingArray):
+        return base + s * _f64(w.a) @ _f64(w.b)
+    return dense_weight(w)
+
+
+def _plain(model):
+    """The model with every adapted weight replaced by its dense float32 weight."""
+    return jax.tree.map(
+        lambda x: jnp.asarray(_dense_kernel(x), jnp.float32) if lora.is_adapter(x) else x,
+        model,
+        is_leaf=lora.is_adapter,
+    )
+
+
+def _run(model, xs, tokens=False):
+    """Our adapted model (through quax) and the plain model with dense weights, on a
+    batch."""
+    with jax.default_matmul_precision("highest"):
+        f = lambda m: np.asarray(jax.vmap(quax.quaxify(m))(jnp.asarray(xs)))  # noqa: E731
+        return f(model), f(_plain(model))
+
+
+def _run_torch(tmodel, xs):
+    with torch.no_grad():
+        return tmodel(torch.from_numpy(np.array(xs))).numpy()
+
+
+CONV_METHODS = [
+    (m, d) for m in ("lora", "dora", "loha") for d in (1, 2, 3) if (m, d) != ("loha", 3)
+]
+
+
+@pytest.mark.parametrize("method,dims", CONV_METHODS, ids=[f"{m}-{d}d" for m, d in CONV_METHODS])
+def test_conv_adapters_both_ways(tmp_path, getkey, method, dims):
+    """Conv adapters in PEFT's format: lora_jax's file loads in PEFT and gives the same
+    output as the dense reference; PEFT's file of its own random adapter loads into
+    the base model and gives PEFT's output; and the round trip is bitwise."""
+    base = ConvNet(getkey(), dims)
+    xs = np.asarray(jr.normal(getkey(), (2, 3, *(7,) * dims)), np.float32)
+    bias = "all" if method != "loha" else "none"
+    model = lora.loraify(
+        base, rank=2, alpha=3.0, key=getkey(), method=method, where=["conv", "mix"]
+    )
+    model = randomise_model(model, getkey())
+    if bias == "all":
+        model = eqx.tree_at(
+            lambda m: (m.conv.bias, m.mix.bias),
+            model,
+            (jr.normal(getkey(), (5,) + (1,) * dims), jr.normal(getkey(), (4,) + (1,) * dims)),
+        )
+    lora.save_peft(tmp_path / "ours", model, train_bias=bias)
+    pmodel = peft.PeftModel.from_pretrained(
+        _copy_into_torch(base, TorchConvNet(dims)), str(tmp_path / "ours")
+    ).eval()
+    got, want = _run(model, xs)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run_torch(pmodel, xs), want, rtol=1e-4, atol=1e-4)
+    back = lora.load_peft(tmp_path / "ours", base)
+    for name in ("conv", "mix"):
+        g, w = getattr(back, name), getattr(model, name)
+        assert type(g.weight) is type(w.weight)
+        for f in saved_fields(w.weight):
+            assert np.array_equal(getattr(g.weight, f), getattr(w.weight, f)), (name, f)
+        assert np.array_equal(g.bias, w.bias)
+
+    config = {
+        "lora": peft.LoraConfig(r=2, lora_alpha=3, target_modules=["conv", "mix"], bias="all"),
+        "dora": peft.LoraConfig(r=2, lora_alpha=3, target_modules=["conv", "mix"], use_dora=True),
+        "loha": peft.LoHaConfig(r=2, alpha=3, target_modules=["conv", "mix"]),
+    }[method]
+    pmodel = _randomise_torch(
+        peft.get_peft_model(_copy_into_torch(base, TorchConvNet(dims)), config)
+    )
+    if method == "lora":  # a trained bias, saved with `bias="all"`
+        with torch.no_grad():
+            pmodel.base_model.model.conv.base_layer.bias.add_(1.0)
+    pmodel.save_pretrained(str(tmp_path / "theirs"))
+    loaded = lora.load_peft(tmp_path / "theirs", base)
+    assert (
+        type(loaded.conv.weight).__name__
+        == {
+            "lora": "LoraConvArray",
+            "dora": "DoraConvArray",
+            "loha": "LohaConvArray",
+        }[method]
+    )
+    got, want = _run(loaded, xs)
+    expected = _run_torch(pmodel, xs)
+    np.testing.assert_allclose(want, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["to_peft", "from_peft"])
+def test_embedding_conv_linear_in_one_config(tmp_path, getkey, direction):
+    """One LoRA config over an Embedding, a Conv1d and a Linear: PEFT's
+    `lora_embedding_A` is our `aᵀ`, `lora_embedding_B` our `bᵀ`."""
+    base = EmbedNet(getkey())
+    tokens = np.asarray(jr.randint(getkey(), (3, 5), 0, 11), np.int64)
+    targets = ["embed", "conv", "head"]
+    if direction == "to_peft":
+        model = lora.loraify(base, rank=3, alpha=6.0, key=getkey(), where=targets)
+        model = randomise_model(model, getkey())
+        lora.save_peft(tmp_path, model)
+        pmodel = peft.PeftModel.from_pretrained(
+            _copy_into_torch(base, TorchEmbedNet()), str(tmp_path)
+        ).eval()
+        files = load_file(tmp_path / "adapter_model.safetensors")
+        assert files["base_model.model.embed.lora_embedding_A"].shape == (3, 11)
+    else:
+        config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=targets)
+        pmodel = _randomise_torch(
+            peft.get_peft_model(_copy_into_torch(base, TorchEmbedNet()), config)
+        )
+        pmodel.save_pretrained(str(tmp_path))
+        model = lora.load_peft(tmp_path, base)
+    assert isinstance(model.embed.weight, lora.LoraEmbeddingArray)
+    assert isinstance(model.conv.weight, lora.LoraConvArray)
+    assert isinstance(model.head.weight, lora.LoraArray)
+    got, want = _run(model, tokens.astype(np.int32))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run_torch(pmodel, tokens), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_conv_and_embedding_files_convert_both_ways(tmp_path, getkey, method):
+    """`python -m lora_jax convert` for conv and embedding adapters: a lora_jax file
+    becomes a PEFT directory that real PEFT loads (same outputs), and PEFT's directory
+    becomes a lora_jax file that loads bitwise into the adapted model, the convs'
+    biases included."""
+    from lora_jax.__main__ import main
+
+    base = EmbedNet(getkey())
+    where = ["embed", "conv", "head"] if method == "lora" else ["conv", "head"]
+    model = lora.loraify(base, rank=2, alpha=5.0, key=getkey(), method=method, where=where)
+    model = randomise_model(model, getkey())
+    model = eqx.tree_at(lambda m: m.conv.bias, model, jr.normal(getkey(), (6, 1)))
+    src = tmp_path / "ours.safetensors"
+    lora.save_adapter(src, model, train_bias="all")
+    assert main(["convert", str(src), str(tmp_path / "peft")]) == 0
+    pmodel = peft.PeftModel.from_pretrained(
+        _copy_into_torch(base, TorchEmbedNet()), str(tmp_path / "peft")
+    ).eval()
+    tokens = np.asarray(jr.randint(getkey(), (3, 5), 0, 11), np.int64)
+    got, want = _run(model, tokens.astype(np.int32))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run_torch(pmodel, tokens), want, rtol=1e-4, atol=1e-4)
+    back = tmp_path / "back.safetensors"
+    assert main(["convert", str(tmp_path / "peft"), str(back)]) == 0
+    fresh = lora.loraify(base, rank=2, key=getkey(), method=method, where=where)
+    loaded = lora.load_adapter(back, fresh)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(model)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def _conv_model(key, **conv):
+    layer = eqx.nn.Conv2d(4, 6, 3, key=key, **conv)
+    return layer
+
+
+@pytest.mark.parametrize(
+    "conv,method,message",
+    [
+        (dict(groups=2), "lora", "groups=2, but PEFT's conv `lora_A` is ungrouped"),
+        (dict(groups=2), "dora", "groups=2"),
+        (dict(dilation=2), "lora", r"dilation \(2, 2\), which PEFT's conv `lora_A` does not"),
+        (dict(padding=1, padding_mode="REFLECT"), "loha", "pads with 'REFLECT'"),
+        (dict(), "balanced", "conv_form is 'balanced'"),
+    ],
+)
+def test_conv_adapters_without_a_peft_form(tmp_path, getkey, conv, method, message):
+    """Convs whose PEFT module would compute something else are refused, naming why;
+    nothing is written."""
+    options = dict(conv_form="balanced") if method == "balanced" else dict(method=method)
+    model = [_conv_model(getkey(), **conv)]
+    model = lora.loraify(model, rank=2, key=getkey(), where=lambda n, l: True, **options)
+    with pytest.raises(ValueError, match=message):
+        lora.save_peft(tmp_path / "out", model)
+    assert not (tmp_path / "out").exists()
+
+
+def test_conv_refusals(tmp_path, getkey):
+    cube = [eqx.nn.Conv3d(2, 3, 3, key=getkey())]
+    loha = lora.loraify(cube, rank=2, key=getkey(), method="loha", where=lambda n, l: True)
+    with pytest.raises(ValueError, match="PEFT's LoHa adapts Conv1d and Conv2d, not Conv3d"):
+        lora.save_peft(tmp_path / "out", loha)
+    up = [eqx.nn.ConvTranspose2d(2, 3, 3, key=getkey())]
+    up = lora.loraify(up, rank=2, key=getkey(), where=lambda n, l: True)
+    with pytest.raises(ValueError, match="PEFT does not adapt an ConvTranspose2d"):
+        lora.save_peft(tmp_path / "out", up)
+    assert not (tmp_path / "out").exists()
+
+    # PEFT's LoHa with `use_effective_conv2d=True` holds Tucker cores for a 3×3 conv.
+    base = ConvNet(getkey())
+    config = peft.LoHaConfig(r=2, alpha=2, target_modules=["conv"], use_effective_conv2d=True)
+    pmodel = peft.get_peft_model(_copy_into_torch(base, TorchConvNet()), config)
+    pmodel.save_pretrained(str(tmp_path / "tucker"))
+    with pytest.raises(ValueError, match="Tucker core of `use_effective_conv2d=true`"):
+        lora.load_peft(tmp_path / "tucker", base)
+    # ...but for a 1×1 conv PEFT builds the plain factors, which load.
+    config = peft.LoHaConfig(r=2, alpha=2, target_modules=["mix"], use_effective_conv2d=True)
+    pmodel = _randomise_torch(peft.get_peft_model(_copy_into_torch(base, TorchConvNet()), config))
+    pmodel.save_pretrained(str(tmp_path / "pointwise"))
+    loaded = lora.load_peft(tmp_path / "pointwise", base)
+    xs = np.asarray(jr.normal(getkey(), (2, 3, 7, 7)), np.float32)
+    got, want = _run(loaded, xs)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run_torch(pmodel, xs), want, rtol=1e-4, atol=1e-4)
+
+    # PEFT's DoRA adapts Embeddings; lora_jax's does not.
+    emb = EmbedNet(getkey())
+    config = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["embed"], use_dora=True)
+    peft.get_peft_model(_copy_into_torch(emb, TorchEmbedNet()), config).save_pretrained(
+        str(tmp_path / "dora_embedding")
+    )
+    with pytest.raises(ValueError, match="DoRA adapter of an Embedding, which lora_jax does not"):
+        lora.load_peft(tmp_path / "dora_embedding", emb)
+    # A conv adapter onto a grouped conv of the same kernel shape is refused, not run.
+    lora.save_peft(
+        tmp_path / "plain",
+        lora.loraify([_conv_model(getkey())], rank=2, key=getkey(), where=lambda n, l: True),
+    )
+    grouped = [eqx.nn.Conv2d(8, 6, 3, groups=2, key=getkey())]
+    with pytest.raises(ValueError, match="groups=2"):
+        lora.load_peft(tmp_path / "plain", grouped)
