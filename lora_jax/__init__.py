@@ -14,6 +14,7 @@ from ._io import load_adapter as load_adapter, save_adapter as save_adapter
 from ._loha import LohaArray as LohaArray
 from ._loha_conv import LohaConvArray as LohaConvArray
 from ._lokr import LokrArray as LokrArray
+from ._lokr_conv import LokrConvArray as LokrConvArray
 from ._lora import LoraArray as LoraArray
 from ._loraify import (
     find_targets as find_targets,

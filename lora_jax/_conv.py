@@ -213,18 +213,23 @@ def _factor_params(params, axes: set[int], lhs_spec, rhs_spec, out_spec, groups)
 
 
 @quax.quaxify
-def lora_conv(lhs, w, a, b, scaling, form, params):
+def lora_conv(lhs, w, a, b, scaling, form, params, blocks=1):
+    """`conv(x, w) + s·conv(conv(x, b), a)`. With `blocks > 1`, `b` is block-diagonal:
+    each of the `blocks` equal slices of a group's input channels goes through `b` on
+    its own (`b`'s input channels are one slice's), giving `blocks·rank` channels per
+    group for `a`."""
     out = lax.conv_general_dilated_p.bind(lhs, w, **params)
     dn = params["dimension_numbers"]
     groups = params["feature_group_count"]
     n = a.ndim - 2
     m = conv_split(form, n)
     x = lhs.astype(b.dtype) if lhs.dtype != b.dtype else lhs
-    if groups > 1:
-        # One copy of `b` per group: each group's `rank` channels see only its inputs.
-        b = jnp.tile(b, (groups,) + (1,) * (b.ndim - 1))
+    if groups * blocks > 1:
+        # One copy of `b` per group (and block): each copy's `rank` channels see only
+        # its inputs.
+        b = jnp.tile(b, (groups * blocks,) + (1,) * (b.ndim - 1))
     ident = tuple(range(n + 2))
-    p_b = _factor_params(params, set(range(m, n)), dn.lhs_spec, ident, dn.out_spec, groups)
+    p_b = _factor_params(params, set(range(m, n)), dn.lhs_spec, ident, dn.out_spec, groups * blocks)
     p_a = _factor_params(params, set(range(m)), dn.out_spec, ident, dn.out_spec, groups)
     z = lax.conv_general_dilated_p.bind(x, b, **p_b)
     delta = lax.conv_general_dilated_p.bind(z, a * scaling.astype(a.dtype), **p_a)

@@ -35,6 +35,7 @@ from ._filters import TrainBias, trainable_mask
 from ._loha import LohaArray
 from ._loha_conv import LohaConvArray
 from ._lokr import LokrArray
+from ._lokr_conv import LokrConvArray
 from ._lora import LoraArray
 from ._multi import MultiLoraArray, select_adapter
 from ._targets import path_name
@@ -76,6 +77,12 @@ FORMATS: dict[type, AdapterFormat] = {
     LoraConvArray: AdapterFormat("lora_conv", ("a", "b", "scaling")),
     DoraConvArray: AdapterFormat("dora_conv", ("a", "b", "m", "scaling")),
     LohaConvArray: AdapterFormat("loha_conv", ("w1a", "w1b", "w2a", "w2b", "scaling")),
+    # The kernel's shape: `w2_a @ w2_b` holds the window folded into `in`.
+    LokrConvArray: AdapterFormat(
+        "lokr_conv",
+        ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "scaling"),
+        describe=lambda value: {"shape": list(value._w.shape)},
+    ),
     LoraEmbeddingArray: AdapterFormat("lora_embedding", ("a", "b", "scaling")),
     MultiLoraArray: AdapterFormat(
         "multi_lora", ("a", "b", "scaling", "weights"), describe=_multi_facts

@@ -49,10 +49,84 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 def _kaiming(key, shape, dtype):
-    """PyTorch's `kaiming_uniform_(a=sqrt(5))` on a 2-D tensor: `U(±1/sqrt(fan_in))`,
-    `fan_in = shape[1]`."""
-    bound = 1 / math.sqrt(shape[1])
+    """PyTorch's `kaiming_uniform_(a=sqrt(5))`: `U(±1/sqrt(fan_in))`, `fan_in` the
+    product of every dimension but the first."""
+    bound = 1 / math.sqrt(math.prod(shape[1:]))
     return jr.uniform(key, shape, dtype, -bound, bound)
+
+
+def check_lokr_options(
+    *,
+    rank,
+    key,
+    alpha,
+    decompose_both,
+    decompose_factor,
+    init_weights,
+    rank_dropout,
+    module_dropout,
+    rank_dropout_scale,
+    use_effective_conv2d,
+    allow_materialise,
+    stop_gradient,
+) -> int:
+    """LoKr's options checked (for a matrix and a conv alike); the rank."""
+    rank = check_rank(rank)
+    check_key(key)
+    if alpha is not None:
+        check_scalar(alpha, "alpha", positive=True)
+    for name, flag in (
+        ("decompose_both", decompose_both),
+        ("rank_dropout_scale", rank_dropout_scale),
+        ("use_effective_conv2d", use_effective_conv2d),
+        ("allow_materialise", allow_materialise),
+        ("stop_gradient", stop_gradient),
+    ):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
+    if (
+        isinstance(decompose_factor, bool)
+        or not isinstance(decompose_factor, int)
+        or not (decompose_factor == -1 or decompose_factor > 0)
+    ):
+        raise ValueError(
+            f"`decompose_factor` must be -1 or a positive integer, got {decompose_factor!r}."
+        )
+    if not (init_weights is True or init_weights is False or init_weights == "lycoris"):
+        raise ValueError(f"`init_weights` must be True, False or 'lycoris', got {init_weights!r}.")
+    check_probability(rank_dropout, "rank_dropout")
+    check_probability(module_dropout, "module_dropout")
+    return rank
+
+
+def lokr_factors(key, shape, rank, decompose_both, decompose_factor, init_weights, dtype):
+    """`(w1, w1_a, w1_b, w2, w2_a, w2_b)` (the unused ones `None`) as PEFT builds and
+    initialises them for a weight of shape `(out, in, *kernel)`: `out = l·k` and
+    `in = p·q` split by `factorization`; `w1 (l, p)` held as `w1_a (l, r) @ w1_b (r, p)`
+    when `decompose_both` and `r < max(l, p)/2`; `w2 (k, q, *kernel)` held as
+    `w2_a (k, r) @ w2_b (r, q·kernel)` when `r < max(k, q)/2`."""
+    out, inp, *kernel = shape
+    l, k = factorization(out, decompose_factor)
+    p, q = factorization(inp, decompose_factor)
+    full_w1 = not (decompose_both and rank < max(l, p) / 2)
+    full_w2 = not (rank < max(k, q) / 2)
+    k1, k2, k3, k4 = jr.split(key, 4)
+    zero_w1 = init_weights is True
+    zero_w2 = init_weights == "lycoris"
+    zeros = lambda shape: jnp.zeros(shape, dtype)
+    w1 = w1_a = w1_b = w2 = w2_a = w2_b = None
+    if full_w1:
+        w1 = zeros((l, p)) if zero_w1 else _kaiming(k1, (l, p), dtype)
+    else:
+        w1_a = zeros((l, rank)) if zero_w1 else _kaiming(k1, (l, rank), dtype)
+        w1_b = _kaiming(k2, (rank, p), dtype)
+    if full_w2:
+        w2 = zeros((k, q, *kernel)) if zero_w2 else _kaiming(k3, (k, q, *kernel), dtype)
+    else:
+        fan_in = q * math.prod(kernel)
+        w2_a = _kaiming(k3, (k, rank), dtype)
+        w2_b = zeros((rank, fan_in)) if zero_w2 else _kaiming(k4, (rank, fan_in), dtype)
+    return w1, w1_a, w1_b, w2, w2_a, w2_b
 
 
 class LokrArray(AbstractAdapter):
@@ -166,56 +240,26 @@ class LokrArray(AbstractAdapter):
                 "`weight` must be a matrix `(out, in)` for LoKr; stacked weights of shape "
                 f"{tuple(weight.shape)} are not supported (adapt each layer separately)."
             )
-        rank = check_rank(rank)
-        check_key(key)
-        if alpha is not None:
-            check_scalar(alpha, "alpha", positive=True)
-        for name, flag in (
-            ("decompose_both", decompose_both),
-            ("rank_dropout_scale", rank_dropout_scale),
-            ("use_effective_conv2d", use_effective_conv2d),
-            ("allow_materialise", allow_materialise),
-            ("stop_gradient", stop_gradient),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
-        if (
-            isinstance(decompose_factor, bool)
-            or not isinstance(decompose_factor, int)
-            or not (decompose_factor == -1 or decompose_factor > 0)
-        ):
-            raise ValueError(
-                f"`decompose_factor` must be -1 or a positive integer, got {decompose_factor!r}."
-            )
-        if not (init_weights is True or init_weights is False or init_weights == "lycoris"):
-            raise ValueError(
-                f"`init_weights` must be True, False or 'lycoris', got {init_weights!r}."
-            )
-        check_probability(rank_dropout, "rank_dropout")
-        check_probability(module_dropout, "module_dropout")
+        rank = check_lokr_options(
+            rank=rank,
+            key=key,
+            alpha=alpha,
+            decompose_both=decompose_both,
+            decompose_factor=decompose_factor,
+            init_weights=init_weights,
+            rank_dropout=rank_dropout,
+            module_dropout=module_dropout,
+            rank_dropout_scale=rank_dropout_scale,
+            use_effective_conv2d=use_effective_conv2d,
+            allow_materialise=allow_materialise,
+            stop_gradient=stop_gradient,
+        )
         check_choice(kernel, "kernel", ("xla", "mosaic"))
         dtype = check_dtype(dtype, weight.dtype)
-        out, inp = weight.shape
-        l, k = factorization(out, decompose_factor)
-        p, q = factorization(inp, decompose_factor)
-        full_w1 = not (decompose_both and rank < max(l, p) / 2)
-        full_w2 = not (rank < max(k, q) / 2)
-        k1, k2, k3, k4 = jr.split(key, 4)
-        zero_w1 = init_weights is True
-        zero_w2 = init_weights == "lycoris"
-        zeros = lambda shape: jnp.zeros(shape, dtype)
-        self.w1 = self.w1_a = self.w1_b = None
-        self.w2 = self.w2_a = self.w2_b = None
-        if full_w1:
-            self.w1 = zeros((l, p)) if zero_w1 else _kaiming(k1, (l, p), dtype)
-        else:
-            self.w1_a = zeros((l, rank)) if zero_w1 else _kaiming(k1, (l, rank), dtype)
-            self.w1_b = _kaiming(k2, (rank, p), dtype)
-        if full_w2:
-            self.w2 = zeros((k, q)) if zero_w2 else _kaiming(k3, (k, q), dtype)
-        else:
-            self.w2_a = _kaiming(k3, (k, rank), dtype)
-            self.w2_b = zeros((rank, q)) if zero_w2 else _kaiming(k4, (rank, q), dtype)
+        factors = lokr_factors(
+            key, weight.shape, rank, decompose_both, decompose_factor, init_weights, dtype
+        )
+        self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b = factors
         self._w = weight
         self.scaling = as_scaling(1.0 if alpha is None else alpha / rank)
         self.r = rank

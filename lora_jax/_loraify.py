@@ -23,6 +23,7 @@ from ._embedding import LoraEmbeddingArray
 from ._loha import LohaArray
 from ._loha_conv import LohaConvArray
 from ._lokr import LokrArray
+from ._lokr_conv import LokrConvArray
 from ._lora import LoraArray
 from ._quant import is_quantised
 from ._sharding import follow_weight
@@ -92,7 +93,7 @@ def _build_lora(weight, *, rank, alpha, key, layer, options):
 # method -> (its type for a Linear, its type for a Conv or `None`).
 _METHOD_CLASSES: dict[str, tuple[type, type | None]] = {
     "dora": (DoraArray, DoraConvArray),
-    "lokr": (LokrArray, None),
+    "lokr": (LokrArray, LokrConvArray),
     "loha": (LohaArray, LohaConvArray),
 }
 
@@ -173,8 +174,8 @@ def _lycoris_options(method: str, options: dict) -> dict:
 
 
 def _build_lokr(weight, *, rank, alpha, key, layer, options):
-    del layer
-    return LokrArray(weight, rank=rank, alpha=alpha, key=key, **_lycoris_options("lokr", options))
+    cls = _method_class("lokr", layer)
+    return cls(weight, rank=rank, alpha=alpha, key=key, **_lycoris_options("lokr", options))
 
 
 def _build_loha(weight, *, rank, alpha, key, layer, options):
@@ -365,11 +366,12 @@ def loraify(
         `dtype`: as for [`lora_jax.LoraArray`][].
     - `method`: the adapter type: `"lora"` (the default, [`lora_jax.LoraArray`][]),
         `"dora"` ([`lora_jax.DoraArray`][]; a [`lora_jax.DoraConvArray`][] for
-        `eqx.nn.Conv1d/2d/3d`), `"lokr"` ([`lora_jax.LokrArray`][]) or `"loha"`
+        `eqx.nn.Conv1d/2d/3d`), `"lokr"` ([`lora_jax.LokrArray`][]; a
+        [`lora_jax.LokrConvArray`][] for convs) or `"loha"`
         ([`lora_jax.LohaArray`][]; a [`lora_jax.LohaConvArray`][] for convs). LoRA
-        adapts every layer kind above, DoRA and LoHa Linear and Conv layers, LoKr
-        Linear layers. LoKr and LoHa take PEFT's options as `method_options`
-        (`init_weights=`, `decompose_both=`, ...) and ignore `scale`.
+        adapts every layer kind above, DoRA, LoKr and LoHa Linear and Conv layers.
+        LoKr and LoHa take PEFT's options as `method_options` (`init_weights=`,
+        `decompose_both=`, ...) and ignore `scale`.
     - `conv_form`: for convolutions with `method="lora"`, `"peft"` (the default) or
         `"balanced"`, as for [`lora_jax.LoraConvArray`][].
     - `where`: which layers to adapt, by dotted name built from the PyTree path

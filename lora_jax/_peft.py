@@ -56,6 +56,7 @@ from ._io import (
 from ._loha import LohaArray
 from ._loha_conv import LohaConvArray
 from ._lokr import LokrArray, factorization
+from ._lokr_conv import LokrConvArray
 from ._lora import LoraArray
 from ._loraify import LAYERS
 from ._multi import (
@@ -439,8 +440,37 @@ def _lokr_layout(batch, shape, rank, config) -> Shapes:
     return shapes
 
 
-def _lokr_pairs(fields) -> tuple[tuple[int, int], tuple[int, int]]:
-    """`((l, p), (k, q))`: the shapes of `w1` and `w2`, held whole or as products."""
+def _lokr_conv_layout(batch, shape, rank, config) -> Shapes:
+    """PEFT's LoKr for a conv (`LoKrLayer.update_layer` for Conv1d/2d): `w1` as for a
+    Linear over `(out, in/groups)`; `w2` whole as `(k, q, *kernel)` or, below half of
+    `max(k, q)`, as `w2_a (k, r) @ w2_b (r, q·window)` (with `use_effective_conv2d` and
+    a kernel larger than 1, as Tucker cores instead, which lora_jax does not hold)."""
+    _no_stacking(batch, "LoKr")
+    out, inp, *kernel = shape
+    shapes = _lokr_layout((), (out, inp), rank, config)
+    if "w2" in shapes:
+        if len(kernel) == 1 and math.prod(kernel) > 1:
+            raise ValueError(
+                "PEFT's LoKr Conv1d with a whole `w2` (rank at least half its size) "
+                "takes torch.kron of a matrix and a 3-D tensor, which is not the "
+                "Kronecker update its Conv2d (and lora_jax) computes; use a rank below "
+                f"{max(shapes['w2']) / 2:g} for this layer"
+            )
+        shapes["w2"] = (*shapes["w2"], *kernel)
+    else:
+        if config.get("use_effective_conv2d", False) and math.prod(kernel) > 1:
+            raise ValueError(
+                "`use_effective_conv2d=true` gives a LoKr conv with a kernel larger than 1 "
+                "PEFT's Tucker core (`lokr_t2`), which lora_jax does not hold"
+            )
+        k, r = shapes["w2_a"]
+        shapes["w2_b"] = (r, shapes["w2_b"][1] * math.prod(kernel))
+    return shapes
+
+
+def _lokr_pairs(fields) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`((l, p), (k, q, ...))`: the shapes of `w1` and `w2`, held whole or as products
+    (a conv's whole `w2` has the kernel's spatial dimensions too)."""
 
     def pair(full, a, b):
         if full in fields:
@@ -451,8 +481,15 @@ def _lokr_pairs(fields) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def _lokr_dims(fields) -> tuple[int, ...]:
-    (l, p), (k, q) = _lokr_pairs(fields)
+    (l, p), (k, q, *_) = _lokr_pairs(fields)
     return l * k, p * q
+
+
+def _lokr_conv_dims(fields) -> tuple[int, ...]:
+    """A conv's kernel shape, where a whole `w2` gives it; with `w2_b`, the window is
+    folded into `in` (as LoHa's)."""
+    (l, p), (k, q, *kernel) = _lokr_pairs(fields)
+    return l * k, p * q, *kernel
 
 
 def _lokr_rank(fields) -> int | None:
@@ -462,8 +499,17 @@ def _lokr_rank(fields) -> int | None:
     return None
 
 
-def _new_lokr(weight, rank, config, dtype, flags):
-    return LokrArray(
+_LOKR_TENSORS = tuple((f"lokr_{f}", f) for f in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b"))
+
+
+def _refuse_lokr_conv(layer) -> str | None:
+    if isinstance(layer, eqx.nn.Conv) and layer.num_spatial_dims == 3:
+        return "PEFT's LoKr adapts Conv1d and Conv2d, not Conv3d"
+    return _refuse_conv(layer, groups=False, dilation=False)
+
+
+def _new_lokr(weight, rank, config, dtype, flags, cls=LokrArray):
+    return cls(
         weight,
         rank=rank,
         key=jr.key(0),
@@ -477,6 +523,13 @@ def _new_lokr(weight, rank, config, dtype, flags):
     )
 
 
+def _lokr_fits(layer: Layer, config: dict) -> bool:
+    try:
+        return _shapes(layer.fields) == layer.kind.layout((), layer.shape, layer.rank, config)
+    except ValueError:
+        return False
+
+
 def _lokr_structure(layers: list[Layer]) -> dict:
     """The `decompose_both` and `decompose_factor` under which PEFT builds every layer
     with the factors it holds. Tried in order: PEFT's defaults, then every factor that
@@ -487,17 +540,19 @@ def _lokr_structure(layers: list[Layer]) -> dict:
     for layer in layers:
         (l, p), _ = _lokr_pairs(layer.fields)
         factors.extend((int(l), int(p)))
-    largest = max(max(layer.shape) for layer in layers)
+    largest = max(max(layer.shape[:2]) for layer in layers)
     factors.extend(range(1, math.isqrt(largest) + 1))
     factors = list(dict.fromkeys(factors))
     for both in (False, True):
         for f in factors:
             config = {"decompose_both": both, "decompose_factor": f}
-            if all(
-                _shapes(layer.fields) == _lokr_layout((), layer.shape, layer.rank, config)
-                for layer in layers
-            ):
+            if all(_lokr_fits(layer, config) for layer in layers):
                 return config
+    for layer in layers:  # a layer PEFT cannot hold at all says why
+        try:
+            layer.kind.layout((), layer.shape, layer.rank, {})
+        except ValueError as e:
+            raise ValueError(f"A LoKr adapter of a {layer.shape} weight has no PEFT form: {e}.")
     first = layers[0]
     raise ValueError(
         "The LoKr adapters cannot be described by one PEFT LoKrConfig: no "
@@ -646,13 +701,24 @@ PEFT_METHODS: dict[str, PeftMethod] = {
                 name="Linear",
                 layer=eqx.nn.Linear,
                 adapter_type=LokrArray,
-                tensors=tuple(
-                    (f"lokr_{f}", f) for f in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
-                ),
+                tensors=_LOKR_TENSORS,
                 layout=_lokr_layout,
                 dims=_lokr_dims,
                 rank_of=_lokr_rank,
                 new=_new_lokr,
+            ),
+            PeftKind(
+                name="Conv",
+                layer=eqx.nn.Conv,
+                adapter_type=LokrConvArray,
+                tensors=_LOKR_TENSORS,
+                layout=_lokr_conv_layout,
+                dims=_lokr_conv_dims,
+                rank_of=_lokr_rank,
+                new=lambda w, rank, config, dtype, flags: _new_lokr(
+                    w, rank, config, dtype, flags, LokrConvArray
+                ),
+                refuse=_refuse_lokr_conv,
             ),
         ),
         configure=_configure_lokr,
@@ -1839,7 +1905,7 @@ def lora_jax_file_to_peft(src, dst, *, rslora: bool = False, adapter: str | None
             )
         try:
             fields = kind.to_peft(fields)
-            shape = kind.dims(fields)
+            shape = tuple(info[path].get("shape") or kind.dims(fields))
         except (KeyError, IndexError, AttributeError):
             raise ValueError(
                 f"{where!r}: the {method.method} adapter at {path!r} lacks tensors."
@@ -1954,6 +2020,8 @@ def peft_to_lora_jax_file(src, dst) -> None:
             "rank": rank,
             "scaling": float(s),
         }
+        if kind.adapter_type is LokrConvArray:  # its format records the kernel's shape
+            info[path]["shape"] = list(kind.dims(fields))
         if kind.layer is eqx.nn.Conv:
             kernel_ndim[module] = len(kind.dims(fields))
     for name in extras:

@@ -75,6 +75,7 @@ CONSTRUCTORS = {
     "LoraConvArray": (lora.LoraConvArray, (2, 3, 3), (2, 3)),
     "DoraConvArray": (lora.DoraConvArray, (2, 3, 3), (2, 3)),
     "LohaConvArray": (lora.LohaConvArray, (2, 3, 3), (2, 3)),
+    "LokrConvArray": (lora.LokrConvArray, (4, 6, 3), (4, 6)),
     "LoraEmbeddingArray": (lora.LoraEmbeddingArray, (5, 4), (2, 5, 4)),
 }
 
@@ -114,7 +115,7 @@ def _constructor_cases(name):
         ),
         ("unknown-option", dict(foo=1), TypeError, "'foo'"),
     ]
-    if name not in ("LokrArray", "LohaArray", "LohaConvArray"):
+    if name not in ("LokrArray", "LohaArray", "LohaConvArray", "LokrConvArray"):
         cases += [
             ("init-unknown", dict(init="xavier"), ValueError, "`init`"),
             ("scale-str", dict(scale="big"), TypeError, "`scale`"),
@@ -127,7 +128,7 @@ def _constructor_cases(name):
             ("dropout-one", dict(dropout=1.0), ValueError, "`dropout`"),
             ("dropout-nan", dict(dropout=math.nan), ValueError, "`dropout`"),
         ]
-    if name in ("LokrArray", "LohaArray", "LohaConvArray"):
+    if name in ("LokrArray", "LohaArray", "LohaConvArray", "LokrConvArray"):
         cases += [
             ("rank_dropout", dict(rank_dropout=1.5), ValueError, "`rank_dropout`"),
             (
@@ -149,7 +150,7 @@ def _constructor_cases(name):
                 "`use_effective_conv2d`",
             ),
         ]
-    if name == "LokrArray":
+    if name in ("LokrArray", "LokrConvArray"):
         cases += [
             (
                 "decompose_factor-zero",
@@ -216,7 +217,8 @@ CASES = [
     Case("loraify-option-lokr-dropout", "loraify", _loraify(method="lokr", dropout=0.1), TypeError, "`dropout`"),
     Case("loraify-option-embedding-dropout", "loraify", lambda c: lora.loraify(eqx.nn.Embedding(5, 3, key=c.key), rank=1, key=c.key, where=lambda n, l: True, dropout=0.1,), TypeError, "`dropout`"),
     Case("loraify-option-value", "loraify", _loraify(dropout=1.5), ValueError, "`dropout`"),
-    Case("loraify-lokr-on-conv", "loraify", lambda c: lora.loraify(c.conv, rank=1, key=c.key, method="lokr", where=["0"]), ValueError, "`method='lokr'`"),
+    Case("loraify-lokr-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="lokr", where=["0"]), ValueError, "`method='lokr'`"),
+    Case("LokrConvArray-effective-conv", "LokrConvArray", lambda c: lora.LokrConvArray(jnp.ones((2, 3, 3)), rank=1, key=c.key, use_effective_conv2d=True), ValueError, "`use_effective_conv2d"),
     Case("loraify-dora-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="dora", where=["0"]), ValueError, "`method='dora'`"),
     Case("loraify-loha-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="loha", where=["0"]), ValueError, "`method='loha'`"),
     Case("LohaConvArray-effective-conv", "LohaConvArray", lambda c: lora.LohaConvArray(jnp.ones((2, 3, 3)), rank=1, key=c.key, use_effective_conv2d=True), ValueError, "`use_effective_conv2d"),

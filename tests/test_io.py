@@ -292,6 +292,9 @@ METHOD_CASES = {
     "loha_conv": lambda m, k: lora.loraify(
         m, rank=2, key=k, method="loha", rank_dropout=0.1, where=["conv"]
     ),
+    "lokr_conv": lambda m, k: lora.loraify(
+        m, rank=1, key=k, method="lokr", init_weights=False, where=["conv"]
+    ),
 }
 
 
@@ -300,7 +303,7 @@ def test_every_method_roundtrip_bitwise(tmp_path, getkey, case):
     build = METHOD_CASES[case]
     base = (
         _layers_model(getkey())
-        if case in ("conv_embedding", "dora_conv", "loha_conv")
+        if case in ("conv_embedding", "dora_conv", "loha_conv", "lokr_conv")
         else Net(getkey())
     )
     saved = randomise_model(build(base, getkey()), getkey())
@@ -312,6 +315,7 @@ def test_every_method_roundtrip_bitwise(tmp_path, getkey, case):
         "conv_embedding": {"lora_conv", "lora_embedding"},
         "dora_conv": {"dora_conv"},
         "loha_conv": {"loha_conv"},
+        "lokr_conv": {"lokr_conv"},
     }
     assert methods == expected.get(case, {case.split("_")[0]})
     # A model adapted the same way with other values takes the saved ones, bitwise.

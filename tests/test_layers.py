@@ -1,4 +1,4 @@
-"""LoRA on every supported layer kind (and DoRA and LoHa on convolutions), through one
+"""LoRA on every supported layer kind (and DoRA, LoKr and LoHa on convolutions), through one
 table of rows and the same checks:
 forward and factor gradients against the layer run with a dense merged weight written
 plainly here, no-op at init, materialise, training with a frozen base, parameter counts,
@@ -76,7 +76,59 @@ def _loha_count(layer, rank):
     return 2 * rank * (out + math.prod(fan_in))
 
 
-def _conv_rows(id, make, inputs, forms=("peft", "balanced"), dora=True):
+def _lokr_count(layer, rank, decompose_both=False):
+    """PEFT's LoKr conv: `out = l·k`, `in/groups = p·q` split near the square root;
+    `w1` (`l × p`) held as `w1_a`, `w1_b` when `decompose_both` and `r < max(l, p)/2`,
+    `w2` (`k × q × kernel`) as `w2_a` (`k × r`), `w2_b` (`r × q·kernel`) when
+    `r < max(k, q)/2`."""
+    out, inp, *kernel = layer.weight.shape
+    l, k = _factorization(out)
+    p, q = _factorization(inp)
+    window = math.prod(kernel)
+    w1 = rank * (l + p) if decompose_both and rank < max(l, p) / 2 else l * p
+    w2 = rank * (k + q * window) if rank < max(k, q) / 2 else k * q * window
+    return w1 + w2
+
+
+def _factorization(n):
+    """The divisor pair of `n` closest to its square root, the smaller first."""
+    d = max(i for i in range(1, math.isqrt(n) + 1) if n % i == 0)
+    return d, n // d
+
+
+def _lokr_rows(id, make, inputs):
+    # LoKr: `w2` whole (rank 2 against small factors), as `w2_a @ w2_b` (rank 1),
+    # `w1` decomposed too, and with both dropouts.
+    return [
+        Row(
+            f"{id}-lokr{suffix}",
+            make,
+            inputs,
+            _batched,
+            conv_delta,
+            lambda layer, r, o=options: _lokr_count(
+                layer, o.get("rank", r), o.get("decompose_both", False)
+            ),
+            options,
+        )
+        for suffix, options in (
+            ("", {"method": "lokr"}),
+            ("-w2-decomposed", {"method": "lokr", "rank": 1}),
+            ("-decompose-both", {"method": "lokr", "rank": 1, "decompose_both": True}),
+            (
+                "-dropout",
+                {
+                    "method": "lokr",
+                    "rank_dropout": 0.3,
+                    "module_dropout": 0.1,
+                    "rank_dropout_scale": True,
+                },
+            ),
+        )
+    ]
+
+
+def _conv_rows(id, make, inputs, forms=("peft", "balanced"), dora=True, lokr=True):
     # Conv1d has one form only: "balanced" puts its single kernel axis on `in`'s side,
     # which is "peft" (see `lora_jax/_conv.py`). DoRA takes the "peft" form; its
     # magnitudes add one parameter per output channel. LoHa: PEFT's two factor pairs
@@ -112,6 +164,8 @@ def _conv_rows(id, make, inputs, forms=("peft", "balanced"), dora=True):
                 ("-dropout", {"method": "loha", "rank_dropout": 0.3, "module_dropout": 0.1}),
             )
         ]
+        if lokr:
+            rows += _lokr_rows(id, make, inputs)
     return rows
 
 
@@ -141,11 +195,23 @@ ROWS = [
         "conv2d-groups",
         lambda k: eqx.nn.Conv2d(4, 6, 3, padding="SAME", groups=2, key=k),
         _images(4, 6, 5),
+        lokr=False,  # in/groups = 2 and out = 6: LoKr's `w2` would be the whole kernel
+    ),
+    *_lokr_rows(
+        "conv2d-groups",
+        lambda k: eqx.nn.Conv2d(8, 12, 3, padding="SAME", groups=2, key=k),
+        _images(8, 6, 5),
     ),
     *_conv_rows(
         "conv3d",
         lambda k: eqx.nn.Conv3d(2, 3, (2, 3, 2), padding=1, stride=(1, 2, 1), key=k),
         _images(2, 5, 6, 4),
+        lokr=False,
+    ),
+    *_lokr_rows(
+        "conv3d",
+        lambda k: eqx.nn.Conv3d(4, 6, (2, 3, 2), padding=1, stride=(1, 2, 1), key=k),
+        _images(4, 5, 6, 4),
     ),
     *_conv_rows(
         "convtranspose2d",
@@ -179,8 +245,9 @@ ALPHA = 3.0
 
 def _adapt(row, key, **kwargs):
     layer = row.make(jr.fold_in(key, 0))
-    if row.options.get("method") == "loha":
-        # LoHa takes PEFT's `init_weights` (True, the default: a no-op), not `init`.
+    if row.options.get("method") in ("loha", "lokr"):
+        # LoHa and LoKr take PEFT's `init_weights` (True, the default: a no-op), not
+        # `init`.
         kwargs.pop("init", None)
     kw = dict(rank=RANK, alpha=ALPHA, key=jr.fold_in(key, 1), where=lambda n, l: True)
     adapted = lora.loraify(layer, **(kw | row.options | kwargs))
@@ -199,6 +266,21 @@ def _dense_layer(layer, adapter, **fields):
             layer,
             adapter._w + adapter.scaling * hadamard.reshape(adapter._w.shape),
         )
+    if isinstance(adapter, lora.LokrConvArray):
+        # Δ[(i, j), (u, v), *s] = w1[i, u]·w2[j, v, *s], by broadcasting.
+        w1 = get("w1") if get("w1") is not None else get("w1_a") @ get("w1_b")
+        window = adapter._w.shape[2:]
+        if get("w2") is not None:
+            w2 = get("w2")
+        else:
+            w2 = (get("w2_a") @ get("w2_b")).reshape(get("w2_a").shape[0], -1, *window)
+        spatial = (None,) * len(window)
+        kron = w1[:, None, :, None, *spatial] * w2[None, :, None, :]
+        return eqx.tree_at(
+            lambda l: l.weight,
+            layer,
+            adapter._w + adapter.scaling * kron.reshape(adapter._w.shape),
+        )
     a, b = get("a"), get("b")
     merged = adapter._w + adapter.scaling * (
         conv_delta(a, b) if adapter._w.ndim > 2 else matrix_delta(a, b)
@@ -211,7 +293,8 @@ def _dense_layer(layer, adapter, **fields):
 
 
 def _trained(adapter) -> tuple[str, ...]:
-    return type(adapter).trainable_fields
+    """The trainable fields the adapter holds (LoKr leaves its unused factors `None`)."""
+    return tuple(f for f in type(adapter).trainable_fields if getattr(adapter, f) is not None)
 
 
 def _with_factors(adapted, **fields):
@@ -470,13 +553,21 @@ def test_default_targets_linear_only(getkey):
     ]
 
 
-def test_loha_conv_rank_dropout_masks_output_channels(getkey):
-    """With a dropout key, LoHa's rank dropout zeroes the update of some output
-    channels and divides the others by the kept fraction (PEFT's rescaling); without a
-    key it is the identity."""
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_conv_rank_dropout_masks_output_channels(getkey, method):
+    """With a dropout key, LoHa's and LoKr's rank dropout zeroes the update of some
+    output channels and divides the others by the kept fraction (PEFT's rescaling,
+    `rank_dropout_scale` for LoKr); without a key it is the identity."""
     conv = eqx.nn.Conv2d(4, 16, 3, padding=1, key=getkey())
+    options = dict(rank_dropout_scale=True) if method == "lokr" else {}
     adapted = lora.loraify(
-        conv, rank=2, key=getkey(), method="loha", rank_dropout=0.5, where=lambda n, l: True
+        conv,
+        rank=2,
+        key=getkey(),
+        method=method,
+        rank_dropout=0.5,
+        where=lambda n, l: True,
+        **options,
     )
     adapted = eqx.tree_at(lambda c: c.weight, adapted, randomise_factors(adapted.weight, getkey()))
     x = jr.normal(getkey(), (2, 4, 6, 6))

@@ -961,6 +961,11 @@ def _dense_kernel(w) -> np.ndarray:
     if isinstance(w, lora.LohaConvArray):
         delta = (_f64(w.w1a) @ _f64(w.w1b)) * (_f64(w.w2a) @ _f64(w.w2b))
         return base + s * delta.reshape(base.shape)
+    if isinstance(w, lora.LokrConvArray):
+        w1 = _f64(w.w1) if w.w1 is not None else _f64(w.w1_a) @ _f64(w.w1_b)
+        w2 = _f64(w.w2) if w.w2 is not None else _f64(w.w2_a) @ _f64(w.w2_b)
+        w2 = w2.reshape(w2.shape[0], -1, *base.shape[2:])
+        return base + s * np.einsum("iu,jv...->ijuv...", w1, w2).reshape(base.shape)
     if isinstance(w, lora.LoraEmbeddingArray):
         return base + s * _f64(w.a) @ _f64(w.b)
     return dense_weight(w)
@@ -988,8 +993,12 @@ def _run_torch(tmodel, xs):
         return tmodel(torch.from_numpy(np.array(xs))).numpy()
 
 
+# PEFT's LoHa and LoKr adapt Conv1d and Conv2d; LoRA and DoRA Conv3d too.
 CONV_METHODS = [
-    (m, d) for m in ("lora", "dora", "loha") for d in (1, 2, 3) if (m, d) != ("loha", 3)
+    (m, d)
+    for m in ("lora", "dora", "loha", "lokr")
+    for d in (1, 2, 3)
+    if m in ("lora", "dora") or d < 3
 ]
 
 
@@ -1000,7 +1009,7 @@ def test_conv_adapters_both_ways(tmp_path, getkey, method, dims):
     the base model and gives PEFT's output; and the round trip is bitwise."""
     base = ConvNet(getkey(), dims)
     xs = np.asarray(jr.normal(getkey(), (2, 3, *(7,) * dims)), np.float32)
-    bias = "all" if method != "loha" else "none"
+    bias = "all" if method in ("lora", "dora") else "none"
     model = lora.loraify(
         base, rank=2, alpha=3.0, key=getkey(), method=method, where=["conv", "mix"]
     )
@@ -1030,6 +1039,7 @@ def test_conv_adapters_both_ways(tmp_path, getkey, method, dims):
         "lora": peft.LoraConfig(r=2, lora_alpha=3, target_modules=["conv", "mix"], bias="all"),
         "dora": peft.LoraConfig(r=2, lora_alpha=3, target_modules=["conv", "mix"], use_dora=True),
         "loha": peft.LoHaConfig(r=2, alpha=3, target_modules=["conv", "mix"]),
+        "lokr": peft.LoKrConfig(r=2, alpha=3, target_modules=["conv", "mix"]),
     }[method]
     pmodel = _randomise_torch(
         peft.get_peft_model(_copy_into_torch(base, TorchConvNet(dims)), config)
@@ -1045,6 +1055,7 @@ def test_conv_adapters_both_ways(tmp_path, getkey, method, dims):
             "lora": "LoraConvArray",
             "dora": "DoraConvArray",
             "loha": "LohaConvArray",
+            "lokr": "LokrConvArray",
         }[method]
     )
     got, want = _run(loaded, xs)
@@ -1185,3 +1196,35 @@ def test_conv_refusals(tmp_path, getkey):
     grouped = [eqx.nn.Conv2d(8, 6, 3, groups=2, key=getkey())]
     with pytest.raises(ValueError, match="groups=2"):
         lora.load_peft(tmp_path / "plain", grouped)
+
+
+def test_lokr_conv_whole_w2_both_ways(tmp_path, getkey):
+    """A LoKr conv whose `w2` is whole (`k × q × kernel`, rank at least half of
+    `max(k, q)`) equals PEFT's Conv2d both ways; PEFT's Conv1d in that case takes
+    `torch.kron` of a matrix and a 3-D tensor (another update), and is refused."""
+    conv = [eqx.nn.Conv2d(4, 6, 3, stride=2, padding=1, key=getkey())]
+    model = lora.loraify(
+        conv, rank=8, alpha=4.0, key=getkey(), method="lokr", where=lambda n, l: True
+    )
+    model = randomise_model(model, getkey())
+    assert model[0].weight.w2.shape == (3, 2, 3, 3)
+    lora.save_peft(tmp_path / "ours", model)
+    tconv = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, stride=2, padding=1))
+    with torch.no_grad():
+        tconv[0].weight.copy_(torch.tensor(np.array(conv[0].weight)))
+        tconv[0].bias.copy_(torch.tensor(np.array(conv[0].bias)).reshape(-1))
+    pmodel = peft.PeftModel.from_pretrained(tconv, str(tmp_path / "ours")).eval()
+    xs = np.asarray(jr.normal(getkey(), (2, 4, 7, 7)), np.float32)
+    run = lambda m: np.asarray(jax.vmap(quax.quaxify(m[0]))(jnp.asarray(xs)))  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        got, want = run(model), run(_plain(model))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run_torch(pmodel, xs), want, rtol=1e-4, atol=1e-4)
+    back = lora.load_peft(tmp_path / "ours", conv)
+    assert np.array_equal(back[0].weight.w2, model[0].weight.w2)
+
+    line = [eqx.nn.Conv1d(4, 6, 3, key=getkey())]
+    whole = lora.loraify(line, rank=8, key=getkey(), method="lokr", where=lambda n, l: True)
+    with pytest.raises(ValueError, match="PEFT's LoKr Conv1d with a whole `w2`"):
+        lora.save_peft(tmp_path / "line", whole)
+    assert not (tmp_path / "line").exists()
