@@ -6,11 +6,13 @@ images 32×32; LoRA rank 8 on every conv. The step is forward + gradient of the 
 model's forward plus the gradient with respect to its input (`jax.vjp` wrt the input
 only; no weight gradients). Runs are interleaved; the median of each is reported.
 
-    PYTHONPATH=. python benchmarks/conv_step.py [--form peft|balanced] [--method lora|dora|loha]
-        [--runs 20]
+    PYTHONPATH=. python benchmarks/conv_step.py [--form peft|balanced]
+        [--method lora|dora|loha|lokr] [--runs 20]
 
 DoRA and LoHa (`--method dora|loha`) take the "peft" form (LoHa: a rank-r² one; its
-`--rank 4` trains as many parameters as LoRA's rank 8).
+`--rank 4` trains as many parameters as LoRA's rank 8). LoKr (`--method lokr`) splits
+64 channels as 8 × 8: at rank 8 its `w2` is whole (8 × 8 × 3 × 3) and it runs as a
+conv LoRA of rank 64 whose first conv is grouped 8 ways.
 """
 
 import argparse
@@ -48,7 +50,7 @@ class Net(eqx.Module):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--form", default="peft", choices=["peft", "balanced"])
-    parser.add_argument("--method", default="lora", choices=["lora", "dora", "loha"])
+    parser.add_argument("--method", default="lora", choices=["lora", "dora", "loha", "lokr"])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--width", type=int, default=64)
@@ -65,6 +67,7 @@ def main():
         "lora": {"init": "peft", "conv_form": args.form},
         "dora": {"init": "peft"},
         "loha": {},  # PEFT's init_weights=True: a no-op, as the others' "peft" init
+        "lokr": {},
     }[args.method]
     model = lora.loraify(
         net,

@@ -42,7 +42,7 @@ def test_step_tiny(tmp_path):
     assert all(float(r) > 0 for _, r in ratios), table
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "loha"])
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr"])
 def test_conv_step_tiny(method):
     args = ["--method", method, "--batch", "2", "--width", "8", "--size", "8", "--runs", "2"]
     run = run_script("conv_step.py", *args)
