@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import quax
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
-from ._base import AbstractAdapter, as_scaling
+from ._base import AbstractAdapter, _merge as w_plus, as_scaling
 from ._lora import Init, init_factors, lora_scaling
 from ._validate import (
     check_choice,
@@ -47,6 +47,8 @@ from ._validate import (
 
 
 ConvForm = Literal["peft", "balanced"]
+ConvPath = Literal["factored", "merged"]
+CONV_PATHS = ("factored", "merged")
 
 
 def check_conv_weight(weight) -> tuple[int, ...]:
@@ -85,6 +87,7 @@ class LoraConvArray(AbstractAdapter):
     form: str = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
+    conv_path: str = eqx.field(static=True, default="factored")
 
     trainable_fields = ("a", "b")
 
@@ -102,6 +105,7 @@ class LoraConvArray(AbstractAdapter):
         init: Init = "quax",
         dtype=None,
         conv_form: ConvForm = "peft",
+        conv_path: ConvPath = "factored",
     ):
         """**Arguments:**
 
@@ -116,6 +120,11 @@ class LoraConvArray(AbstractAdapter):
             (`a = 0`, `b ~ Normal(0, 1/rank²)`). Each is a no-op at initialisation.
         - `conv_form`: `"peft"` (a conv with the kernel's size to `rank` channels, then
             a 1×1 conv) or `"balanced"` (ALF's reshape, two separable convs).
+        - `conv_path`: `"factored"` (the default: the two thin convs beside the kernel's,
+            `w + Δ` never formed) or `"merged"` (each step forms the kernel `w + s·Δ`,
+            kernel-sized and never stored, and runs one conv; gradients reach the
+            factors through it). On a GPU, where cuDNN runs thin convs slowly,
+            `"merged"` can be much faster; see the how-to on convolutions.
 
         !!! Example
 
@@ -145,6 +154,7 @@ class LoraConvArray(AbstractAdapter):
             check_scalar(alpha, "alpha", positive=True)
         check_choice(init, "init", ("quax", "peft", "gaussian"))
         check_choice(conv_form, "conv_form", ("peft", "balanced"))
+        check_choice(conv_path, "conv_path", CONV_PATHS)
         dtype = check_dtype(dtype, weight.dtype)
         out, inp, *kernel = shape
         m = conv_split(conv_form, len(kernel))
@@ -167,6 +177,7 @@ class LoraConvArray(AbstractAdapter):
         self.form = conv_form
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
+        self.conv_path = conv_path
 
     @property
     def rank(self) -> int:
@@ -224,14 +235,24 @@ def lora_conv(lhs, w, a, b, scaling, form, params, blocks=1):
     n = a.ndim - 2
     m = conv_split(form, n)
     x = lhs.astype(b.dtype) if lhs.dtype != b.dtype else lhs
-    if groups * blocks > 1:
-        # One copy of `b` per group (and block): each copy's `rank` channels see only
-        # its inputs.
-        b = jnp.tile(b, (groups * blocks,) + (1,) * (b.ndim - 1))
+    slices = groups * blocks  # `b` sees each slice of the input channels on its own
     ident = tuple(range(n + 2))
-    p_b = _factor_params(params, set(range(m, n)), dn.lhs_spec, ident, dn.out_spec, groups * blocks)
+    folded = slices > 1 and _identity_spec(dn.lhs_spec) and _identity_spec(dn.out_spec)
+    if folded:
+        # Batch-major, channels next (Equinox's layout): the slices go into the batch
+        # (reshapes, no copies) and `b` runs as one ungrouped conv. XLA's CPU runs a
+        # grouped conv many times slower.
+        x = x.reshape(x.shape[0] * slices, x.shape[1] // slices, *x.shape[2:])
+    elif slices > 1:
+        # One copy of `b` per slice, in a grouped conv.
+        b = jnp.tile(b, (slices,) + (1,) * (b.ndim - 1))
+    p_b = _factor_params(
+        params, set(range(m, n)), dn.lhs_spec, ident, dn.out_spec, 1 if folded else slices
+    )
     p_a = _factor_params(params, set(range(m)), dn.out_spec, ident, dn.out_spec, groups)
     z = lax.conv_general_dilated_p.bind(x, b, **p_b)
+    if folded:
+        z = z.reshape(lhs.shape[0], slices * z.shape[1], *z.shape[2:])
     delta = lax.conv_general_dilated_p.bind(z, a * scaling.astype(a.dtype), **p_a)
     return out + delta.astype(out.dtype)
 
@@ -247,15 +268,26 @@ def check_conv_params(params) -> bool:
     return _identity_spec(params["dimension_numbers"].rhs_spec)
 
 
+def step_kernel(v) -> Array:
+    """`w + s·Δ` for a conv adapter with `conv_path="merged"`: `w` as the model sees
+    it (gradient stopped), `Δ` with the adapter's dropout where it holds a key."""
+    key = getattr(v, "dropout_key", None)
+    delta = v.delta() if key is None else v.delta(key)
+    return w_plus(v.w, delta)
+
+
 def register_conv_rules(cls: type, product) -> None:
     """The `conv_general_dilated` rules of a conv adapter type `cls`: with the adapter
-    as the kernel, `product(lhs, adapter, params)` where the kernel is read in its
-    layout `(out, in, *kernel)`, the materialised kernel otherwise (which refuses
+    as the kernel, one conv with `w + s·Δ` formed for the step when its `conv_path`
+    is `"merged"`; else `product(lhs, adapter, params)` where the kernel is read in
+    its layout `(out, in, *kernel)`, the materialised kernel otherwise (which refuses
     unless `allow_materialise`); with the adapter as the image, the materialised one
     (no factored rule)."""
 
     @quax.register(lax.conv_general_dilated_p)
     def _(lhs: ArrayLike | quax.ArrayValue, rhs: cls, **params):
+        if rhs.conv_path == "merged":
+            return dense_conv(lhs, step_kernel(rhs), params)
         if not check_conv_params(params):
             return dense_conv(lhs, rhs.materialise(), params)
         return product(lhs, rhs, params)

@@ -230,7 +230,8 @@ def _per_unit(g, axis):
 
 @quax.quaxify
 def _delta(w, a, b, m, scaling, axis):
-    g = m / _norm(w, a, b, scaling, axis)
+    # The norm detached from the graph (PEFT's DoRA), as in the product rules.
+    g = m / lax.stop_gradient(_norm(w, a, b, scaling, axis))
     batch = tuple(range(a.ndim - 2))
     ab = lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)))
     merged = _per_unit(g, axis) * (w.astype(a.dtype) + expand_scaling(scaling, ab) * ab)

@@ -14,7 +14,7 @@ import jax.lax as lax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter
-from ._conv import LoraConvArray, conv_delta, lora_conv, register_conv_rules
+from ._conv import ConvPath, LoraConvArray, conv_delta, lora_conv, register_conv_rules
 from ._dora import _norm
 from ._lora import Init
 
@@ -43,6 +43,7 @@ class DoraConvArray(AbstractAdapter):
     scaling: Float[Array, ""]
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
+    conv_path: str = eqx.field(static=True, default="factored")
 
     trainable_fields = ("a", "b", "m")
 
@@ -59,13 +60,15 @@ class DoraConvArray(AbstractAdapter):
         dtype=None,
         allow_materialise: bool = False,
         stop_gradient: bool = True,
+        conv_path: ConvPath = "factored",
     ):
         """**Arguments:**
 
         - `weight`: the conv kernel to wrap, `(out, in/groups, k_1, ..., k_n)` with
             `n >= 1` spatial dimensions (Equinox's layout).
         - `rank`, `key`, `alpha`, `rslora`, `init`, `scale`, `dtype`,
-            `allow_materialise`, `stop_gradient`: as for [`lora_jax.LoraConvArray`][]
+            `allow_materialise`, `stop_gradient`, `conv_path`: as for
+            [`lora_jax.LoraConvArray`][]
             (whose `"peft"` form the factors take). The magnitudes take the factors'
             dtype.
 
@@ -98,6 +101,7 @@ class DoraConvArray(AbstractAdapter):
             allow_materialise=allow_materialise,
             stop_gradient=stop_gradient,
             conv_form="peft",
+            conv_path=conv_path,
         )
         self._w = lw._w
         self.a = lw.a
@@ -105,6 +109,7 @@ class DoraConvArray(AbstractAdapter):
         self.scaling = lw.scaling
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
+        self.conv_path = conv_path
         self.m = _kernel_norm(weight, self.a, self.b, self.scaling)
 
     @property
@@ -116,8 +121,10 @@ class DoraConvArray(AbstractAdapter):
         return _kernel_norm(self.w, self.a, self.b, lax.stop_gradient(self.scaling))
 
     def delta(self) -> Array:
+        # The norm is detached from the graph, as in the conv rule (PEFT's DoRA), so
+        # that `conv_path="merged"` trains as the factored path does.
         scaling = lax.stop_gradient(self.scaling)
-        g = self.m / _kernel_norm(self.w, self.a, self.b, scaling)
+        g = self.m / lax.stop_gradient(_kernel_norm(self.w, self.a, self.b, scaling))
         w = self.w.astype(self.a.dtype)
         merged = _per_channel(g, w.ndim) * (w + conv_delta(self.a, self.b, "peft", scaling))
         return merged - w

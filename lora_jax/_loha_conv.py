@@ -17,9 +17,17 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter
-from ._conv import check_conv_weight, conv_delta, lora_conv, register_conv_rules
+from ._conv import (
+    CONV_PATHS,
+    ConvPath,
+    check_conv_weight,
+    conv_delta,
+    lora_conv,
+    register_conv_rules,
+)
 from ._dropout import module_keep, unit_mask
 from ._loha import LohaArray, _face_split
+from ._validate import check_choice
 
 
 class LohaConvArray(AbstractAdapter):
@@ -45,6 +53,7 @@ class LohaConvArray(AbstractAdapter):
     module_dropout: float = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
+    conv_path: str = eqx.field(static=True, default="factored")
 
     trainable_fields = ("w1a", "w1b", "w2a", "w2b")
 
@@ -62,6 +71,7 @@ class LohaConvArray(AbstractAdapter):
         dtype=None,
         allow_materialise: bool = False,
         stop_gradient: bool = True,
+        conv_path: ConvPath = "factored",
     ):
         """**Arguments:**
 
@@ -73,6 +83,7 @@ class LohaConvArray(AbstractAdapter):
             `(out, in/groups · k_1···k_n)` (rank dropout masks output channels).
         - `use_effective_conv2d`: PEFT's Tucker-core form for convolutions; `True`
             is not supported (a ValueError).
+        - `conv_path`: as for [`lora_jax.LoraConvArray`][].
 
         !!! Example
 
@@ -91,6 +102,7 @@ class LohaConvArray(AbstractAdapter):
             ```
         """
         shape = check_conv_weight(weight)
+        check_choice(conv_path, "conv_path", CONV_PATHS)
         if use_effective_conv2d is True:
             raise ValueError(
                 "`use_effective_conv2d=True` (PEFT's Tucker-core LoHa for convolutions) "
@@ -119,6 +131,7 @@ class LohaConvArray(AbstractAdapter):
         self.module_dropout = lw.module_dropout
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
+        self.conv_path = conv_path
 
     @property
     def rank(self) -> int:
@@ -139,8 +152,9 @@ class LohaConvArray(AbstractAdapter):
         window = self._w.shape[1:]  # (in/groups, *kernel)
         return a.reshape(*a.shape, *(1,) * (len(window) - 1)), b.reshape(b.shape[0], *window)
 
-    def delta(self) -> Array:
-        a, b = self.conv_factors()
+    def delta(self, key: PRNGKeyArray | None = None) -> Array:
+        """The dense update; with a `key`, under rank and module dropout."""
+        a, b = self.conv_factors(key)
         return conv_delta(a, b, "peft", lax.stop_gradient(self.scaling))
 
 

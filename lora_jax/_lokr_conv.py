@@ -23,10 +23,10 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling
-from ._conv import check_conv_weight, lora_conv, register_conv_rules
+from ._conv import CONV_PATHS, ConvPath, check_conv_weight, lora_conv, register_conv_rules
 from ._dropout import module_keep, unit_mask
 from ._lokr import check_lokr_options, lokr_factors
-from ._validate import check_dtype, check_not_empty
+from ._validate import check_choice, check_dtype, check_not_empty
 
 
 class LokrConvArray(AbstractAdapter):
@@ -57,6 +57,7 @@ class LokrConvArray(AbstractAdapter):
     rank_dropout_scale: bool = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
+    conv_path: str = eqx.field(static=True, default="factored")
 
     trainable_fields = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
 
@@ -77,6 +78,7 @@ class LokrConvArray(AbstractAdapter):
         dtype=None,
         allow_materialise: bool = False,
         stop_gradient: bool = True,
+        conv_path: ConvPath = "factored",
     ):
         """**Arguments:**
 
@@ -90,6 +92,7 @@ class LokrConvArray(AbstractAdapter):
         - `use_effective_conv2d`: PEFT's Tucker-core form for kernels larger than
             1×1; `True` is a ValueError for those (for a 1×1 kernel PEFT ignores it,
             and so does this).
+        - `conv_path`: as for [`lora_jax.LoraConvArray`][].
 
         !!! Example
 
@@ -111,6 +114,7 @@ class LokrConvArray(AbstractAdapter):
         if not jnp.issubdtype(weight.dtype, jnp.floating):
             raise TypeError(f"`weight` must have a floating dtype, got {weight.dtype}.")
         check_not_empty(shape)
+        check_choice(conv_path, "conv_path", CONV_PATHS)
         rank = check_lokr_options(
             rank=rank,
             key=key,
@@ -145,6 +149,7 @@ class LokrConvArray(AbstractAdapter):
         self.rank_dropout_scale = rank_dropout_scale
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
+        self.conv_path = conv_path
 
     @property
     def rank(self) -> int:
@@ -179,7 +184,13 @@ class LokrConvArray(AbstractAdapter):
                 a = a * module_keep(k_module, self.module_dropout, (), a.dtype)
         return a.reshape(*a.shape, *(1,) * len(window)), b, w1.shape[1]
 
-    def delta(self) -> Array:
+    def delta(self, key: PRNGKeyArray | None = None) -> Array:
+        """The dense update; with a `key`, under rank and module dropout."""
+        if key is not None:
+            a, b, blocks = self.conv_factors(key)
+            a = a.reshape(a.shape[0], blocks, -1)  # (out, p, c)
+            d = jnp.einsum("ouc,cv...->ouv...", a, b).reshape(self._w.shape)
+            return d * lax.stop_gradient(self.scaling).astype(d.dtype)
         w1 = self._w1()
         if self.w2 is not None:
             w2 = self.w2

@@ -136,7 +136,7 @@ def _option_names(method: str, layer) -> set[str] | None:
         return None
     names = set(inspect.signature(cls.__init__).parameters)
     names -= {"self", "weight", "rank", "alpha", "key"}
-    return names | ({"conv_form"} if method == "lora" else set())
+    return names | ({"conv_form"} if method == "lora" else set()) | {"conv_path"}
 
 
 def _check_options(method: str, name: str, layer, options: dict) -> None:
@@ -374,6 +374,9 @@ def loraify(
         `decompose_both=`, ...) and ignore `scale`.
     - `conv_form`: for convolutions with `method="lora"`, `"peft"` (the default) or
         `"balanced"`, as for [`lora_jax.LoraConvArray`][].
+    - `conv_path`: for convolutions, every method: `"factored"` (the default) or
+        `"merged"` (each step forms the kernel and runs one conv: faster on a GPU),
+        as for [`lora_jax.LoraConvArray`][]. Other layers ignore it.
     - `where`: which layers to adapt, by dotted name built from the PyTree path
         (`layers.0`, `blocks.3.attn.query_proj`): a list of names (each matches
         exactly, or as a suffix at a dot), a regex string (full match), `"all-linear"`
@@ -420,6 +423,8 @@ def loraify(
     check_choice(method, "method", tuple(METHODS))
     if "conv_form" in method_options:
         check_choice(method_options["conv_form"], "conv_form", ("peft", "balanced"))
+    if "conv_path" in method_options:
+        check_choice(method_options["conv_path"], "conv_path", ("factored", "merged"))
     for name, flag in (
         ("allow_materialise", allow_materialise),
         ("stop_gradient", stop_gradient),
@@ -492,7 +497,10 @@ def loraify(
         key, k = jr.split(key)
         r = lookup_pattern(name, rank_pattern, rank)
         a = lookup_pattern(name, alpha_pattern, alpha)
-        adapter = build(_weight(layer), rank=r, alpha=a, key=k, layer=layer, options=options)
+        kept = options
+        if not isinstance(layer, (eqx.nn.Conv, eqx.nn.ConvTranspose)):
+            kept = {o: v for o, v in options.items() if o != "conv_path"}  # convs' only
+        adapter = build(_weight(layer), rank=r, alpha=a, key=k, layer=layer, options=kept)
         # On a mesh, the factors are laid out as the weight is.
         adapter = follow_weight(adapter)
         field = LAYERS[type(layer)].field

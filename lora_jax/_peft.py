@@ -1840,6 +1840,8 @@ def _build(
                 "stop_gradient": current.stop_gradient,
                 "allow_materialise": current.allow_materialise,
             }
+            if hasattr(current, "conv_path"):  # a conv adapter of another structure
+                flags["conv_path"] = current.conv_path
         value = kind.new(base, rank, config, dtype, flags)
         new = {f: jnp.asarray(a) for f, a in arrays.items()}
     names = list(new)

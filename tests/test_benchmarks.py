@@ -42,9 +42,14 @@ def test_step_tiny(tmp_path):
     assert all(float(r) > 0 for _, r in ratios), table
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr"])
-def test_conv_step_tiny(method):
-    args = ["--method", method, "--batch", "2", "--width", "8", "--size", "8", "--runs", "2"]
+@pytest.mark.parametrize(
+    "method,path",
+    [("lora", "factored"), ("dora", "factored"), ("loha", "factored"), ("lokr", "factored")]
+    + [("lora", "merged"), ("lokr", "merged")],
+)
+def test_conv_step_tiny(method, path):
+    args = ["--method", method, "--conv-path", path, "--batch", "2", "--width", "8"]
+    args += ["--size", "8", "--runs", "2", "--inner", "2"]
     run = run_script("conv_step.py", *args)
     assert re.search(rf"^{method} step  median +[\d.]+ ms$", run.stdout, re.M), run.stdout
     assert float(re.search(r"^ratio ([\d.]+)$", run.stdout, re.M).group(1)) > 0

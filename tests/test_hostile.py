@@ -167,6 +167,8 @@ def _constructor_cases(name):
         ]
     if name == "LoraConvArray":
         cases += [("conv_form", dict(conv_form="dense"), ValueError, "`conv_form`")]
+    if name.endswith("ConvArray"):
+        cases += [("conv_path", dict(conv_path="fused"), ValueError, "`conv_path`")]
     out = [Case(f"{name}-{id}", name, _make(name, **kw), e, m) for id, kw, e, m in cases]
     none = lambda ctx: cls(None, rank=2, key=jr.key(0))  # noqa: E731
     return out + [Case(f"{name}-weight-none", name, none, TypeError, "`weight`")]
@@ -222,6 +224,7 @@ CASES = [
     Case("loraify-dora-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="dora", where=["0"]), ValueError, "`method='dora'`"),
     Case("loraify-loha-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="loha", where=["0"]), ValueError, "`method='loha'`"),
     Case("LohaConvArray-effective-conv", "LohaConvArray", lambda c: lora.LohaConvArray(jnp.ones((2, 3, 3)), rank=1, key=c.key, use_effective_conv2d=True), ValueError, "`use_effective_conv2d"),
+    Case("loraify-conv_path", "loraify", lambda c: lora.loraify(c.conv, rank=1, key=c.key, where=["0"], conv_path="fast"), ValueError, "`conv_path`"),
     Case("loraify-dora-conv-dropout", "loraify", lambda c: lora.loraify(c.conv, rank=1, key=c.key, method="dora", where=["0"], dropout=0.1), TypeError, "`dropout`"),
     # find_targets
     Case("find_targets-no-layers", "find_targets", lambda c: lora.find_targets({"x": c.w}), ValueError, "`model`"),

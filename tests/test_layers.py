@@ -169,6 +169,22 @@ def _conv_rows(id, make, inputs, forms=("peft", "balanced"), dora=True, lokr=Tru
     return rows
 
 
+def _merged_rows(rows):
+    """The same rows with `conv_path="merged"`: the kernel formed for each step."""
+    return [
+        Row(
+            f"{r.id}-merged",
+            r.make,
+            r.input,
+            r.apply,
+            r.delta,
+            r.n_params,
+            r.options | {"conv_path": "merged"},
+        )
+        for r in rows
+    ]
+
+
 ROWS = [
     Row(
         "linear",
@@ -220,6 +236,28 @@ ROWS = [
         ),
         _images(3, 5, 4),
         dora=False,  # PEFT's DoRA adapts Conv1d/2d/3d, not transposed convs
+    ),
+    *_merged_rows(
+        [
+            r
+            for r in _conv_rows(
+                "conv2d-stride-pad-dilate",
+                lambda k: eqx.nn.Conv2d(
+                    3, 5, (3, 2), stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2), key=k
+                ),
+                _images(3, 8, 7),
+            )
+            if not r.id.endswith(("-w2-decomposed", "-decompose-both"))
+        ]
+        + _conv_rows(
+            "convtranspose2d",
+            lambda k: eqx.nn.ConvTranspose2d(
+                3, 4, (3, 2), stride=2, padding=1, output_padding=1, key=k
+            ),
+            _images(3, 5, 4),
+            forms=("peft",),
+            dora=False,
+        )
     ),
     Row(
         "embedding-scalar",
@@ -436,6 +474,12 @@ def test_no_materialised_weight(row, getkey):
     def loss(params):
         return jnp.sum(_run(eqx.combine(params, frozen), x, row) ** 2)
 
+    if row.options.get("conv_path") == "merged":
+        # By request, the kernel is formed for the step: one conv in the forward pass.
+        forward = jax.make_jaxpr(loss)(params).jaxpr
+        convs = [e for e in _all_eqns(forward) if e.primitive.name == "conv_general_dilated"]
+        assert len(convs) == 1, convs
+        return
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr
     shape = layer.weight.shape
     for eqn in _all_eqns(jaxpr):
@@ -580,4 +624,4 @@ def test_conv_rank_dropout_masks_output_channels(getkey, method):
     assert 0 < int(kept.sum()) < 16
     fraction = float(kept.mean())
     np.testing.assert_allclose(dropped[:, kept], full[:, kept] / fraction, rtol=1e-4, atol=1e-4)
-    assert np.allclose(per_channel(dropped)[~kept], 0)
+    assert np.allclose(per_channel(dropped)[~kept], 0, atol=1e-5)  # a GPU's rounding
