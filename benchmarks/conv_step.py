@@ -99,27 +99,35 @@ def main():
         return jnp.mean((y - target) ** 2)
 
     def lora_step(params, state, frozen, x, target):
-        grads = jax.grad(loss_fn)(params, frozen, x, target)
+        loss, grads = jax.value_and_grad(loss_fn)(params, frozen, x, target)
         updates, state = opt.update(grads, state, params)
-        return eqx.apply_updates(params, updates), state
+        return eqx.apply_updates(params, updates), state, loss
 
     def floor(net, x, target):
         y, vjp = jax.vjp(lambda x: jax.vmap(net)(x), x)
         (dx,) = vjp(2 * (y - target) / y.size)
-        return x + 1e-9 * dx  # so that a scan's floors depend on each other
+        return y, dx
 
     @eqx.filter_jit
     def lora_steps(params, state, frozen, x, target):
         if args.inner == 1:
             return lora_step(params, state, frozen, x, target)
-        one = lambda carry, _: (lora_step(*carry, frozen, x, target), None)
+
+        def one(carry, _):
+            params, state, _ = lora_step(*carry, frozen, x, target)
+            return (params, state), None
+
         return jax.lax.scan(one, (params, state), None, length=args.inner)[0]
 
     @eqx.filter_jit
     def floors(net, x, target):
         if args.inner == 1:
             return floor(net, x, target)
-        one = lambda x, _: (floor(net, x, target), None)
+
+        def one(x, _):
+            _, dx = floor(net, x, target)
+            return x + 1e-9 * dx, None  # each floor depends on the last
+
         return jax.lax.scan(one, x, None, length=args.inner)[0]
 
     def timed(fn):
