@@ -237,22 +237,33 @@ def lora_conv(lhs, w, a, b, scaling, form, params, blocks=1):
     x = lhs.astype(b.dtype) if lhs.dtype != b.dtype else lhs
     slices = groups * blocks  # `b` sees each slice of the input channels on its own
     ident = tuple(range(n + 2))
-    folded = slices > 1 and _identity_spec(dn.lhs_spec) and _identity_spec(dn.out_spec)
-    if folded:
-        # Batch-major, channels next (Equinox's layout): the slices go into the batch
-        # (reshapes, no copies) and `b` runs as one ungrouped conv. XLA's CPU runs a
-        # grouped conv many times slower.
-        x = x.reshape(x.shape[0] * slices, x.shape[1] // slices, *x.shape[2:])
-    elif slices > 1:
+    b_axes = set(range(m, n))
+
+    def grouped(x, b):
         # One copy of `b` per slice, in a grouped conv.
         b = jnp.tile(b, (slices,) + (1,) * (b.ndim - 1))
-    p_b = _factor_params(
-        params, set(range(m, n)), dn.lhs_spec, ident, dn.out_spec, 1 if folded else slices
-    )
+        p = _factor_params(params, b_axes, dn.lhs_spec, ident, dn.out_spec, slices)
+        return lax.conv_general_dilated_p.bind(x, b, **p)
+
+    def folded(x, b):
+        # Batch-major, channels next (Equinox's layout): the slices go into the batch
+        # (reshapes, no copies) and `b` runs as one ungrouped conv.
+        x = x.reshape(x.shape[0] * slices, x.shape[1] // slices, *x.shape[2:])
+        p = _factor_params(params, b_axes, dn.lhs_spec, ident, dn.out_spec, 1)
+        z = lax.conv_general_dilated_p.bind(x, b, **p)
+        return z.reshape(lhs.shape[0], slices * z.shape[1], *z.shape[2:])
+
+    if slices == 1:
+        z = lax.conv_general_dilated_p.bind(
+            x, b, **_factor_params(params, b_axes, dn.lhs_spec, ident, dn.out_spec, 1)
+        )
+    elif _identity_spec(dn.lhs_spec) and _identity_spec(dn.out_spec):
+        # XLA's CPU runs the grouped conv some 30 times slower than the folded one; on
+        # a GPU the grouped one is the faster (cuDNN; measured on an H100).
+        z = lax.platform_dependent(x, b, cpu=folded, default=grouped)
+    else:
+        z = grouped(x, b)
     p_a = _factor_params(params, set(range(m)), dn.out_spec, ident, dn.out_spec, groups)
-    z = lax.conv_general_dilated_p.bind(x, b, **p_b)
-    if folded:
-        z = z.reshape(lhs.shape[0], slices * z.shape[1], *z.shape[2:])
     delta = lax.conv_general_dilated_p.bind(z, a * scaling.astype(a.dtype), **p_a)
     return out + delta.astype(out.dtype)
 
