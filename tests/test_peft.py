@@ -1228,3 +1228,20 @@ def test_lokr_conv_whole_w2_both_ways(tmp_path, getkey):
     with pytest.raises(ValueError, match="PEFT's LoKr Conv1d with a whole `w2`"):
         lora.save_peft(tmp_path / "line", whole)
     assert not (tmp_path / "line").exists()
+
+
+def test_load_keeps_conv_path(tmp_path, getkey):
+    """Loading into convs adapted with `conv_path="merged"` keeps it, where the file's
+    adapter replaces one of another rank too; the outputs equal the factored path's."""
+    base = ConvNet(getkey())
+    saved = randomise_model(
+        lora.loraify(base, rank=2, alpha=3.0, key=getkey(), where=["conv", "mix"]), getkey()
+    )
+    lora.save_peft(tmp_path, saved)
+    merged = lora.loraify(base, rank=3, key=getkey(), where=["conv", "mix"], conv_path="merged")
+    loaded = lora.load_peft(tmp_path, merged)
+    assert loaded.conv.weight.conv_path == "merged" and loaded.conv.weight.rank == 2
+    xs = np.asarray(jr.normal(getkey(), (2, 3, 7, 7)), np.float32)
+    got, want = _run(loaded, xs)
+    np.testing.assert_allclose(got, _run(saved, xs)[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
