@@ -185,18 +185,11 @@ class LokrConvArray(AbstractAdapter):
         return a.reshape(*a.shape, *(1,) * len(window)), b, w1.shape[1]
 
     def delta(self, key: PRNGKeyArray | None = None) -> Array:
-        """The dense update; with a `key`, under rank and module dropout."""
-        if key is not None:
-            a, b, blocks = self.conv_factors(key)
-            a = a.reshape(a.shape[0], blocks, -1)  # (out, p, c)
-            d = jnp.einsum("ouc,cv...->ouv...", a, b).reshape(self._w.shape)
-            return d * lax.stop_gradient(self.scaling).astype(d.dtype)
-        w1 = self._w1()
-        if self.w2 is not None:
-            w2 = self.w2
-        else:
-            w2 = (self.w2_a @ self.w2_b).reshape(self.w2_a.shape[0], -1, *self._w.shape[2:])
-        d = jnp.einsum("iu,jv...->ijuv...", w1, w2).reshape(self._w.shape)
+        """The dense update, from the conv factors; with a `key`, under rank and module
+        dropout."""
+        a, b, blocks = self.conv_factors(key)
+        a = a.reshape(a.shape[0], blocks, -1)  # (out, p, c)
+        d = jnp.einsum("ouc,cv...->ouv...", a, b).reshape(self._w.shape)
         return d * lax.stop_gradient(self.scaling).astype(d.dtype)
 
 
