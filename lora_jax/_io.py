@@ -76,11 +76,13 @@ FORMATS: dict[type, AdapterFormat] = {
     LohaArray: AdapterFormat("loha", ("w1a", "w1b", "w2a", "w2b", "scaling")),
     LoraConvArray: AdapterFormat("lora_conv", ("a", "b", "scaling")),
     DoraConvArray: AdapterFormat("dora_conv", ("a", "b", "m", "scaling")),
-    LohaConvArray: AdapterFormat("loha_conv", ("w1a", "w1b", "w2a", "w2b", "scaling")),
+    LohaConvArray: AdapterFormat(
+        "loha_conv", ("w1a", "w1b", "w2a", "w2b", "t1", "t2", "scaling")
+    ),
     # The kernel's shape: `w2_a @ w2_b` holds the window folded into `in`.
     LokrConvArray: AdapterFormat(
         "lokr_conv",
-        ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "scaling"),
+        ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2", "scaling"),
         describe=lambda value: {"shape": list(value._w.shape)},
     ),
     LoraEmbeddingArray: AdapterFormat("lora_embedding", ("a", "b", "scaling")),

@@ -1,18 +1,22 @@
 """LoHa for convolution kernels: `w + s·((w1a @ w1b) ⊙ (w2a @ w2b))` with the kernel
-seen as the matrix `(out, in·k_1···k_n)`, as PEFT's LoHa for `Conv1d/2d/3d` without
-`use_effective_conv2d`.
+seen as the matrix `(out, in·k_1···k_n)`, as PEFT's LoHa for `Conv1d/2d` without
+`use_effective_conv2d`; with it (PEFT's Tucker form), each of the two factors is a
+Tucker product `w1[o, i, *s] = Σ_ab w1a[o, a]·t1[a, b, *s]·w1b[b, i]` with a core
+`t1 (r, r, *kernel)`, and the update is `s·(w1 ⊙ w2)`.
 
 By the face-splitting identity the update is a rank-`r²` conv LoRA in the `"peft"`
 form: a conv with the kernel's size from `in` to `r²` channels (`w1b •col w2b`), then a
 1×1 conv to `out` (`w1a •row w2a`). A conv with the adapted kernel is computed as
 `conv(x, w) + s·conv(conv(x, b'), a')` with those factors; neither the Hadamard product
-nor `w + Δ` is formed.
+nor `w + Δ` is formed. In the Tucker form `w1b` is the core contracted with `w1b`,
+`(r, in·window)`, small.
 """
 
 import math
 
 import equinox as eqx
 import jax.lax as lax
+import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
@@ -36,6 +40,12 @@ class LohaConvArray(AbstractAdapter):
     the kernel's shape, with `w1a, w2a` of shape `(out, r)`, `w1b, w2b` of shape
     `(r, in/groups · k_1···k_n)` (PEFT's `hada_w1_a`, ... for a conv) and `s = alpha/r`.
 
+    With `use_effective_conv2d=True` and a kernel larger than 1, PEFT's Tucker form:
+    `w + s·(W1 ⊙ W2)`, `W1[o, i, *s] = Σ_ab w1a[o, a]·t1[a, b, *s]·w1b[b, i]` (and
+    `W2` alike), with the cores `t1, t2` of shape `(r, r, k_1, ..., k_n)`, `w1a, w2a`
+    of shape `(out, r)` (PEFT's `hada_w1_a` is `w1a` transposed) and `w1b, w2b` of
+    shape `(r, in/groups)`.
+
     A conv with this value as its kernel computes `conv(x, w) + s·conv(conv(x, b'), a')`
     with `a' = w1a •row w2a` (a 1×1 conv, `r²` channels to `out`) and
     `b' = w1b •col w2b` (a conv with the kernel's size, `in` to `r²` channels), with
@@ -47,6 +57,8 @@ class LohaConvArray(AbstractAdapter):
     w1b: Float[Array, "rank fan_in"]
     w2a: Float[Array, "out rank"]
     w2b: Float[Array, "rank fan_in"]
+    t1: Float[Array, "rank rank *kernel"] | None
+    t2: Float[Array, "rank rank *kernel"] | None
     scaling: Float[Array, ""]
     dropout_key: PRNGKeyArray | None
     rank_dropout: float = eqx.field(static=True)
@@ -55,7 +67,7 @@ class LohaConvArray(AbstractAdapter):
     allow_materialise: bool = eqx.field(static=True)
     conv_path: str = eqx.field(static=True, default="factored")
 
-    trainable_fields = ("w1a", "w1b", "w2a", "w2b")
+    trainable_fields = ("w1a", "w1b", "w2a", "w2b", "t1", "t2")
 
     def __init__(
         self,
@@ -81,8 +93,10 @@ class LohaConvArray(AbstractAdapter):
             `dtype`, `allow_materialise`, `stop_gradient`: as for
             [`lora_jax.LohaArray`][], the kernel seen as the matrix
             `(out, in/groups · k_1···k_n)` (rank dropout masks output channels).
-        - `use_effective_conv2d`: PEFT's Tucker-core form for convolutions; `True`
-            is not supported (a ValueError).
+        - `use_effective_conv2d`: PEFT's Tucker form (see above) for a kernel larger
+            than 1, initialised as PEFT does (`w1a`, `w1b`, `w2a`, `t1`, `t2`
+            Kaiming-uniform in PEFT's shapes, `w2b` zero unless `init_weights=False`).
+            PEFT ignores it for a 1×1 kernel, and so does this.
         - `conv_path`: as for [`lora_jax.LoraConvArray`][].
 
         !!! Example
@@ -103,15 +117,14 @@ class LohaConvArray(AbstractAdapter):
         """
         shape = check_conv_weight(weight)
         check_choice(conv_path, "conv_path", CONV_PATHS)
-        if use_effective_conv2d is True:
-            raise ValueError(
-                "`use_effective_conv2d=True` (PEFT's Tucker-core LoHa for convolutions) "
-                "is not supported; use False (the default), PEFT's other conv form."
-            )
+        tucker = use_effective_conv2d is True and math.prod(shape[2:]) > 1
         # The factors, their checks and initialisation are LoHa's on the kernel seen
-        # as the matrix (out, in·k_1···k_n), as PEFT builds them for a conv.
+        # as the matrix (out, in·k_1···k_n), as PEFT builds them for a conv; in the
+        # Tucker form, on the matrix (out, in/groups), the cores drawn here.
         lw = LohaArray(
-            weight.reshape(shape[0], math.prod(shape[1:])),
+            weight[(slice(None), slice(None), *(0,) * (len(shape) - 2))]
+            if tucker
+            else weight.reshape(shape[0], math.prod(shape[1:])),
             rank=rank,
             key=key,
             alpha=alpha,
@@ -125,6 +138,19 @@ class LohaConvArray(AbstractAdapter):
         )
         self._w = weight
         self.w1a, self.w1b, self.w2a, self.w2b = lw.w1a, lw.w1b, lw.w2a, lw.w2b
+        self.t1 = self.t2 = None
+        if tucker:
+            # PyTorch's kaiming_uniform_(a=sqrt(5)) in PEFT's shapes: `hada_w1_a` is
+            # (r, out), fan-in `out`; a core's fan-in is `r·window`.
+            k1, k2, k3 = jr.split(jr.fold_in(key, 1), 3)
+            uniform = lambda k, shape, fan_in: jr.uniform(
+                k, shape, lw.w1a.dtype, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in)
+            )
+            out, rank = lw.w1a.shape
+            self.w1a = uniform(k1, lw.w1a.shape, out)
+            self.w2a = uniform(k2, lw.w2a.shape, out)
+            core = (rank, rank, *shape[2:])
+            self.t1, self.t2 = uniform(k3, (2, *core), math.prod(core[1:]))
         self.scaling = lw.scaling
         self.dropout_key = None
         self.rank_dropout = lw.rank_dropout
@@ -141,7 +167,11 @@ class LohaConvArray(AbstractAdapter):
         """The equivalent rank-`r²` conv LoRA factors `(a', b')` as conv kernels,
         `(out, r², 1, ..., 1)` and `(r², in/groups, *kernel)`; with a `key`, PEFT's
         rank dropout (over output channels) and module dropout applied to `a'`."""
-        a, b = _face_split(self.w1a, self.w1b, self.w2a, self.w2b)
+        w1b, w2b = self.w1b, self.w2b
+        if self.t1 is not None:  # each core contracted with its `b`: (r, in/groups·window)
+            core_b = lambda t, b: jnp.einsum("ab...,bi->ai...", t, b).reshape(b.shape[0], -1)
+            w1b, w2b = core_b(self.t1, w1b), core_b(self.t2, w2b)
+        a, b = _face_split(self.w1a, w1b, self.w2a, w2b)
         if key is not None:
             k_rank, k_module = jr.split(key)
             if self.rank_dropout > 0:

@@ -99,12 +99,18 @@ def check_lokr_options(
     return rank
 
 
-def lokr_factors(key, shape, rank, decompose_both, decompose_factor, init_weights, dtype):
-    """`(w1, w1_a, w1_b, w2, w2_a, w2_b)` (the unused ones `None`) as PEFT builds and
+def lokr_factors(
+    key, shape, rank, decompose_both, decompose_factor, init_weights, dtype, tucker=False
+):
+    """`(w1, w1_a, w1_b, w2, w2_a, w2_b, t2)` (the unused ones `None`) as PEFT builds and
     initialises them for a weight of shape `(out, in, *kernel)`: `out = l·k` and
     `in = p·q` split by `factorization`; `w1 (l, p)` held as `w1_a (l, r) @ w1_b (r, p)`
     when `decompose_both` and `r < max(l, p)/2`; `w2 (k, q, *kernel)` held as
-    `w2_a (k, r) @ w2_b (r, q·kernel)` when `r < max(k, q)/2`."""
+    `w2_a (k, r) @ w2_b (r, q·kernel)` when `r < max(k, q)/2`, or with `tucker` (PEFT's
+    `use_effective_conv2d` on a kernel larger than 1) as the Tucker core
+    `t2 (r, r, *kernel)` with `w2_a (k, r)` and `w2_b (r, q)`. (PEFT holds `w2_a` of
+    the Tucker form transposed, `(r, k)`; it is drawn in that shape here, so from the
+    same distribution.)"""
     out, inp, *kernel = shape
     l, k = factorization(out, decompose_factor)
     p, q = factorization(inp, decompose_factor)
@@ -114,7 +120,7 @@ def lokr_factors(key, shape, rank, decompose_both, decompose_factor, init_weight
     zero_w1 = init_weights is True
     zero_w2 = init_weights == "lycoris"
     zeros = lambda shape: jnp.zeros(shape, dtype)
-    w1 = w1_a = w1_b = w2 = w2_a = w2_b = None
+    w1 = w1_a = w1_b = w2 = w2_a = w2_b = t2 = None
     if full_w1:
         w1 = zeros((l, p)) if zero_w1 else _kaiming(k1, (l, p), dtype)
     else:
@@ -122,11 +128,15 @@ def lokr_factors(key, shape, rank, decompose_both, decompose_factor, init_weight
         w1_b = _kaiming(k2, (rank, p), dtype)
     if full_w2:
         w2 = zeros((k, q, *kernel)) if zero_w2 else _kaiming(k3, (k, q, *kernel), dtype)
+    elif tucker:
+        w2_a = _kaiming(k3, (rank, k), dtype).T
+        w2_b = zeros((rank, q)) if zero_w2 else _kaiming(k4, (rank, q), dtype)
+        t2 = _kaiming(jr.fold_in(key, 4), (rank, rank, *kernel), dtype)
     else:
         fan_in = q * math.prod(kernel)
         w2_a = _kaiming(k3, (k, rank), dtype)
         w2_b = zeros((rank, fan_in)) if zero_w2 else _kaiming(k4, (rank, fan_in), dtype)
-    return w1, w1_a, w1_b, w2, w2_a, w2_b
+    return w1, w1_a, w1_b, w2, w2_a, w2_b, t2
 
 
 class LokrArray(AbstractAdapter):
@@ -259,7 +269,7 @@ class LokrArray(AbstractAdapter):
         factors = lokr_factors(
             key, weight.shape, rank, decompose_both, decompose_factor, init_weights, dtype
         )
-        self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b = factors
+        self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, _ = factors
         self._w = weight
         self.scaling = as_scaling(1.0 if alpha is None else alpha / rank)
         self.r = rank

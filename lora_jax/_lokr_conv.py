@@ -1,15 +1,19 @@
-"""LoKr for convolution kernels: `w + s·(w1 ⊗ w2)`, as PEFT's LoKr for `Conv1d/2d`
-without `use_effective_conv2d`.
+"""LoKr for convolution kernels: `w + s·(w1 ⊗ w2)`, as PEFT's LoKr for `Conv1d/2d`,
+with or without `use_effective_conv2d`.
 
 A kernel `w` of shape `(out, in/groups, *kernel)` has `out = l·k` and `in/groups = p·q`
 split by PEFT's `factorization`; `w1` is `(l, p)` and `w2` is `(k, q, *kernel)`, and the
 update is `Δ[(i, j), (u, v), *s] = w1[i, u]·w2[j, v, *s]`. `w2` is held whole or as
 `w2_a (k, r) @ w2_b (r, q·kernel)` (PEFT's shapes), `w1` whole or as `w1_a @ w1_b`.
+With `use_effective_conv2d` (PEFT's Tucker form, for a kernel larger than 1) a
+decomposed `w2` is `w2[j, v, *s] = Σ_ab w2_a[j, a]·t2[a, b, *s]·w2_b[b, v]`, with the
+core `t2 (r, r, *kernel)`, `w2_a (k, r)` and `w2_b (r, q)`.
 
 The update is a conv LoRA of rank `p·c` in the `"peft"` form, `c` being `w2`'s rank
-(`r`, or `k` for a whole `w2`): `b` is block-diagonal, `w2_b` (or `w2`) applied to each
-of the `p` slices of `q` input channels on its own (a grouped conv with the kernel's
-size, `w2_b` repeated), and `a = w1 ⊗ w2_a` (or `w1 ⊗ I`) is a 1×1 conv to `out`. A conv
+(`r`, or `k` for a whole `w2`): `b` is block-diagonal, `w2_b` (or `w2`; in the Tucker
+form the core contracted with `w2_b`, `(r, q, *kernel)`, small) applied to each of the
+`p` slices of `q` input channels on its own (a grouped conv with the kernel's size,
+`b` repeated), and `a = w1 ⊗ w2_a` (or `w1 ⊗ I`) is a 1×1 conv to `out`. A conv
 with the adapted kernel is `conv(x, w) + s·conv(conv(x, b), a)`; neither the Kronecker
 product nor `w + Δ` is formed.
 """
@@ -33,8 +37,11 @@ class LokrConvArray(AbstractAdapter):
     """Low-rank Kronecker product adaptation (LoKr) of a conv kernel `w` of shape
     `(out, in/groups, k_1, ..., k_n)`: `w + s·(w1 ⊗ w2)` with `w1 (l, p)`,
     `w2 (k, q, k_1, ..., k_n)`, `out = l·k`, `in/groups = p·q`, as PEFT's LoKr for a
-    conv without `use_effective_conv2d` (its `lokr_w1`, ... tensors, the same shapes;
-    `s = alpha/r`).
+    conv (its `lokr_w1`, ... tensors, the same shapes; `s = alpha/r`).
+
+    With `use_effective_conv2d=True` and a decomposed `w2`, PEFT's Tucker form:
+    `w2 = t2 ×₁ w2_a ×₂ w2_bᵀ`, the core `t2` of shape `(r, r, k_1, ..., k_n)`,
+    `w2_a (k, r)` and `w2_b (r, q)` (PEFT's `lokr_w2_a` is `w2_a` transposed).
 
     A conv with this value as its kernel computes `conv(x, w) + s·conv(conv(x, b), a)`
     with `b` the block-diagonal conv of `w2_b` (or `w2`) over the `p` slices of each
@@ -49,6 +56,7 @@ class LokrConvArray(AbstractAdapter):
     w2: Float[Array, "k q *kernel"] | None
     w2_a: Float[Array, "k rank"] | None
     w2_b: Float[Array, "rank q_kernel"] | None
+    t2: Float[Array, "rank rank *kernel"] | None
     scaling: Float[Array, ""]
     dropout_key: PRNGKeyArray | None
     r: int = eqx.field(static=True)
@@ -59,7 +67,7 @@ class LokrConvArray(AbstractAdapter):
     allow_materialise: bool = eqx.field(static=True)
     conv_path: str = eqx.field(static=True, default="factored")
 
-    trainable_fields = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+    trainable_fields = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
 
     def __init__(
         self,
@@ -89,9 +97,11 @@ class LokrConvArray(AbstractAdapter):
             `dtype`, `allow_materialise`, `stop_gradient`: as for
             [`lora_jax.LokrArray`][], with `out` and `in/groups` split into the
             factors' sizes (rank dropout masks output channels).
-        - `use_effective_conv2d`: PEFT's Tucker-core form for kernels larger than
-            1×1; `True` is a ValueError for those (for a 1×1 kernel PEFT ignores it,
-            and so does this).
+        - `use_effective_conv2d`: PEFT's Tucker form: where `w2` is decomposed
+            (`rank < max(k, q)/2`) and the kernel is larger than 1, `w2` is held as
+            the core `t2 (r, r, *kernel)` between `w2_a (k, r)` and `w2_b (r, q)`
+            (initialised as PEFT does: `t2` Kaiming-uniform). PEFT ignores it for a
+            1×1 kernel, and so does this.
         - `conv_path`: as for [`lora_jax.LoraConvArray`][].
 
         !!! Example
@@ -129,17 +139,12 @@ class LokrConvArray(AbstractAdapter):
             allow_materialise=allow_materialise,
             stop_gradient=stop_gradient,
         )
-        if use_effective_conv2d and math.prod(shape[2:]) > 1:
-            raise ValueError(
-                "`use_effective_conv2d=True` (PEFT's Tucker-core LoKr for convolutions) "
-                "is not supported for a kernel larger than 1; use False (the default), "
-                "PEFT's other conv form."
-            )
         dtype = check_dtype(dtype, weight.dtype)
+        tucker = use_effective_conv2d and math.prod(shape[2:]) > 1
         factors = lokr_factors(
-            key, shape, rank, decompose_both, decompose_factor, init_weights, dtype
+            key, shape, rank, decompose_both, decompose_factor, init_weights, dtype, tucker
         )
-        self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b = factors
+        self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2 = factors
         self._w = weight
         self.scaling = as_scaling(1.0 if alpha is None else alpha / rank)
         self.dropout_key = None
@@ -171,7 +176,10 @@ class LokrConvArray(AbstractAdapter):
             a = jnp.kron(w1, jnp.eye(c, dtype=w1.dtype))
         else:
             c = self.w2_a.shape[1]
-            b = self.w2_b.reshape(c, -1, *window)
+            if self.t2 is not None:  # the core contracted with `w2_b`: (r, q, *kernel)
+                b = jnp.einsum("ab...,bv->av...", self.t2, self.w2_b)
+            else:
+                b = self.w2_b.reshape(c, -1, *window)
             a = jnp.kron(w1, self.w2_a)
         if key is not None:
             k_rank, k_module = jr.split(key)

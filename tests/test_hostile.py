@@ -220,10 +220,10 @@ CASES = [
     Case("loraify-option-embedding-dropout", "loraify", lambda c: lora.loraify(eqx.nn.Embedding(5, 3, key=c.key), rank=1, key=c.key, where=lambda n, l: True, dropout=0.1,), TypeError, "`dropout`"),
     Case("loraify-option-value", "loraify", _loraify(dropout=1.5), ValueError, "`dropout`"),
     Case("loraify-lokr-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="lokr", where=["0"]), ValueError, "`method='lokr'`"),
-    Case("LokrConvArray-effective-conv", "LokrConvArray", lambda c: lora.LokrConvArray(jnp.ones((2, 3, 3)), rank=1, key=c.key, use_effective_conv2d=True), ValueError, "`use_effective_conv2d"),
+    Case("LokrConvArray-effective-conv", "LokrConvArray", lambda c: lora.LokrConvArray(jnp.ones((2, 3, 3)), rank=1, key=c.key, use_effective_conv2d=1), TypeError, "`use_effective_conv2d"),
     Case("loraify-dora-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="dora", where=["0"]), ValueError, "`method='dora'`"),
     Case("loraify-loha-on-convtranspose", "loraify", lambda c: lora.loraify([eqx.nn.ConvTranspose2d(2, 2, 3, key=c.key)], rank=1, key=c.key, method="loha", where=["0"]), ValueError, "`method='loha'`"),
-    Case("LohaConvArray-effective-conv", "LohaConvArray", lambda c: lora.LohaConvArray(jnp.ones((2, 3, 3)), rank=1, key=c.key, use_effective_conv2d=True), ValueError, "`use_effective_conv2d"),
+    Case("LohaConvArray-effective-conv", "LohaConvArray", lambda c: lora.LohaConvArray(jnp.ones((2, 3, 3)), rank=1, key=c.key, use_effective_conv2d=1), TypeError, "`use_effective_conv2d"),
     Case("loraify-conv_path", "loraify", lambda c: lora.loraify(c.conv, rank=1, key=c.key, where=["0"], conv_path="fast"), ValueError, "`conv_path`"),
     Case("loraify-dora-conv-dropout", "loraify", lambda c: lora.loraify(c.conv, rank=1, key=c.key, method="dora", where=["0"], dropout=0.1), TypeError, "`dropout`"),
     # find_targets

@@ -295,6 +295,12 @@ METHOD_CASES = {
     "lokr_conv": lambda m, k: lora.loraify(
         m, rank=1, key=k, method="lokr", init_weights=False, where=["conv"]
     ),
+    "loha_conv_tucker": lambda m, k: lora.loraify(
+        m, rank=2, key=k, method="loha", use_effective_conv2d=True, where=["conv"]
+    ),
+    "lokr_conv_tucker": lambda m, k: lora.loraify(
+        m, rank=1, key=k, method="lokr", use_effective_conv2d=True, where=["conv"]
+    ),
 }
 
 
@@ -303,7 +309,7 @@ def test_every_method_roundtrip_bitwise(tmp_path, getkey, case):
     build = METHOD_CASES[case]
     base = (
         _layers_model(getkey())
-        if case in ("conv_embedding", "dora_conv", "loha_conv", "lokr_conv")
+        if case in ("conv_embedding", "dora_conv") or case.startswith(("loha_conv", "lokr_conv"))
         else Net(getkey())
     )
     saved = randomise_model(build(base, getkey()), getkey())
@@ -316,12 +322,28 @@ def test_every_method_roundtrip_bitwise(tmp_path, getkey, case):
         "dora_conv": {"dora_conv"},
         "loha_conv": {"loha_conv"},
         "lokr_conv": {"lokr_conv"},
+        "loha_conv_tucker": {"loha_conv"},
+        "lokr_conv_tucker": {"lokr_conv"},
     }
     assert methods == expected.get(case, {case.split("_")[0]})
     # A model adapted the same way with other values takes the saved ones, bitwise.
     fresh = build(base, getkey())
     assert not _equal_bytes(fresh, saved)
     _bitwise_equal(lora.load_adapter(path, fresh), saved)
+
+
+def test_tucker_structure_must_match(tmp_path, getkey):
+    """A conv adapter in PEFT's Tucker form writes its cores; a model adapted without
+    it does not take the file."""
+    base = _layers_model(getkey())
+    tucker = METHOD_CASES["loha_conv_tucker"](base, getkey())
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(path, tucker)
+    tensors, _ = lio.read_safetensors(path)
+    assert {"conv.weight.t1", "conv.weight.t2"} <= set(tensors)
+    plain = METHOD_CASES["loha_conv"](base, getkey())
+    with pytest.raises(ValueError, match=r"has tensor 'conv\.weight\.t1' that `model` does not have"):
+        lora.load_adapter(path, plain)
 
 
 def _equal_bytes(x, y) -> bool:

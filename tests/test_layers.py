@@ -71,22 +71,32 @@ def _images(channels, *spatial, batch=2):
     return lambda key: jr.normal(key, (batch, channels, *spatial))
 
 
-def _loha_count(layer, rank):
-    out, *fan_in = layer.weight.shape  # in/groups and the window
-    return 2 * rank * (out + math.prod(fan_in))
+def _loha_count(layer, rank, tucker=False):
+    """PEFT's LoHa conv: two pairs `(out, r)`, `(r, in/groups·window)`; in the Tucker
+    form two triples `(r, out)`, `(r, in/groups)`, `(r, r, *kernel)`."""
+    out, inp, *kernel = layer.weight.shape
+    if tucker:
+        return 2 * rank * (out + inp + rank * math.prod(kernel))
+    return 2 * rank * (out + inp * math.prod(kernel))
 
 
-def _lokr_count(layer, rank, decompose_both=False):
+def _lokr_count(layer, rank, decompose_both=False, tucker=False):
     """PEFT's LoKr conv: `out = l·k`, `in/groups = p·q` split near the square root;
     `w1` (`l × p`) held as `w1_a`, `w1_b` when `decompose_both` and `r < max(l, p)/2`,
     `w2` (`k × q × kernel`) as `w2_a` (`k × r`), `w2_b` (`r × q·kernel`) when
-    `r < max(k, q)/2`."""
+    `r < max(k, q)/2`; in the Tucker form as `w2_a` (`r × k`), `w2_b` (`r × q`) and
+    the core `t2` (`r × r × kernel`)."""
     out, inp, *kernel = layer.weight.shape
     l, k = _factorization(out)
     p, q = _factorization(inp)
     window = math.prod(kernel)
     w1 = rank * (l + p) if decompose_both and rank < max(l, p) / 2 else l * p
-    w2 = rank * (k + q * window) if rank < max(k, q) / 2 else k * q * window
+    if rank >= max(k, q) / 2:
+        w2 = k * q * window
+    elif tucker:
+        w2 = rank * (k + q + rank * window)
+    else:
+        w2 = rank * (k + q * window)
     return w1 + w2
 
 
@@ -107,7 +117,10 @@ def _lokr_rows(id, make, inputs):
             _batched,
             conv_delta,
             lambda layer, r, o=options: _lokr_count(
-                layer, o.get("rank", r), o.get("decompose_both", False)
+                layer,
+                o.get("rank", r),
+                o.get("decompose_both", False),
+                o.get("use_effective_conv2d", False),
             ),
             options,
         )
@@ -115,6 +128,7 @@ def _lokr_rows(id, make, inputs):
             ("", {"method": "lokr"}),
             ("-w2-decomposed", {"method": "lokr", "rank": 1}),
             ("-decompose-both", {"method": "lokr", "rank": 1, "decompose_both": True}),
+            ("-tucker", {"method": "lokr", "rank": 1, "use_effective_conv2d": True}),
             (
                 "-dropout",
                 {
@@ -158,10 +172,21 @@ def _conv_rows(id, make, inputs, forms=("peft", "balanced"), dora=True, lokr=Tru
             )
         )
         rows += [
-            Row(f"{id}-loha{suffix}", make, inputs, _batched, conv_delta, _loha_count, options)
+            Row(
+                f"{id}-loha{suffix}",
+                make,
+                inputs,
+                _batched,
+                conv_delta,
+                lambda layer, r, o=options: _loha_count(
+                    layer, r, o.get("use_effective_conv2d", False)
+                ),
+                options,
+            )
             for suffix, options in (
                 ("", {"method": "loha"}),
                 ("-dropout", {"method": "loha", "rank_dropout": 0.3, "module_dropout": 0.1}),
+                ("-tucker", {"method": "loha", "use_effective_conv2d": True}),
             )
         ]
         if lokr:
@@ -298,7 +323,13 @@ def _dense_layer(layer, adapter, **fields):
     the norm per output channel over every other axis and detached from the graph."""
     get = lambda f: fields.get(f, getattr(adapter, f))  # noqa: E731
     if isinstance(adapter, lora.LohaConvArray):
-        hadamard = (get("w1a") @ get("w1b")) * (get("w2a") @ get("w2b"))
+        if get("t1") is not None:  # PEFT's Tucker form: W[o, i, *s] = a[o, x] t[x, y, *s] b[y, i]
+            tucker = lambda a, t, b: jnp.einsum("ox,xy...,yi->oi...", a, t, b)
+            hadamard = tucker(get("w1a"), get("t1"), get("w1b")) * tucker(
+                get("w2a"), get("t2"), get("w2b")
+            )
+        else:
+            hadamard = (get("w1a") @ get("w1b")) * (get("w2a") @ get("w2b"))
         return eqx.tree_at(
             lambda l: l.weight,
             layer,
@@ -310,6 +341,8 @@ def _dense_layer(layer, adapter, **fields):
         window = adapter._w.shape[2:]
         if get("w2") is not None:
             w2 = get("w2")
+        elif get("t2") is not None:  # PEFT's Tucker form
+            w2 = jnp.einsum("jx,xy...,yv->jv...", get("w2_a"), get("t2"), get("w2_b"))
         else:
             w2 = (get("w2_a") @ get("w2_b")).reshape(get("w2_a").shape[0], -1, *window)
         spatial = (None,) * len(window)
