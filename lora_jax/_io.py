@@ -55,7 +55,8 @@ class AdapterFormat:
         field that is `None` in a value (LoKr's unused factors) is not written.
     - `rank`: the rank recorded in the metadata.
     - `describe`: static facts that must agree between the file and the model it is
-        loaded into (the names of stacked adapters), recorded in the metadata.
+        loaded into (the names of stacked adapters), recorded in the metadata. A file
+        written before a fact was recorded is not checked for it.
     """
 
     method: str
@@ -76,10 +77,13 @@ FORMATS: dict[type, AdapterFormat] = {
     LohaArray: AdapterFormat("loha", ("w1a", "w1b", "w2a", "w2b", "scaling")),
     LoraConvArray: AdapterFormat("lora_conv", ("a", "b", "scaling")),
     DoraConvArray: AdapterFormat("dora_conv", ("a", "b", "m", "scaling")),
+    # The kernel's shape: `w1b` (LoHa) and `w2_a @ w2_b` (LoKr) hold the window folded
+    # into `in`.
     LohaConvArray: AdapterFormat(
-        "loha_conv", ("w1a", "w1b", "w2a", "w2b", "t1", "t2", "scaling")
+        "loha_conv",
+        ("w1a", "w1b", "w2a", "w2b", "t1", "t2", "scaling"),
+        describe=lambda value: {"shape": list(value._w.shape)},
     ),
-    # The kernel's shape: `w2_a @ w2_b` holds the window folded into `in`.
     LokrConvArray: AdapterFormat(
         "lokr_conv",
         ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2", "scaling"),
@@ -555,7 +559,7 @@ def load_adapter(path: str | os.PathLike, model: PyTree) -> PyTree:
                 f"{fmt.method!r} adapter ({type(value).__name__}) there."
             )
         for key, want in fmt.describe(value).items():
-            if saved is not None and entry.get(key) != want:
+            if saved is not None and key in entry and entry[key] != want:
                 raise ValueError(
                     f"{where!r} holds the adapter at {name!r} with {key} "
                     f"{entry.get(key)!r}, but `model` has {want!r} there."

@@ -120,7 +120,8 @@ class PeftKind:
         structure (its arrays are then replaced by the file's).
     - `to_peft`, `from_peft`: one layer's tensors from our layout to PEFT's and back,
         where they differ (an embedding's factors are transposed; a conv's DoRA
-        magnitudes are `(1, out, 1, ...)`).
+        magnitudes are `(1, out, 1, ...)`; a Conv1d's Tucker core is 4-D).
+        `from_peft` also takes the weight's shape (`dims`' where there is no model).
     - `refuse`: `layer -> reason or None`: why PEFT's module would not compute what
         our adapter of this layer computes (a grouped or dilated conv, ...).
     """
@@ -134,7 +135,7 @@ class PeftKind:
     rank_of: Callable[[Fields], int | None]
     new: Callable[..., Any]
     to_peft: Callable[[Fields], Fields] = lambda fields: fields
-    from_peft: Callable[[Fields], Fields] = lambda fields: fields
+    from_peft: Callable[[Fields, tuple[int, ...]], Fields] = lambda fields, shape: fields
     refuse: Callable[[Any], str | None] = lambda layer: None
 
     @property
@@ -293,7 +294,8 @@ def _dora_conv_to_peft(fields: Fields) -> Fields:
     return {**fields, "m": fields["m"].reshape(1, -1, *ones)}
 
 
-def _dora_conv_from_peft(fields: Fields) -> Fields:
+def _dora_conv_from_peft(fields: Fields, shape) -> Fields:
+    del shape
     return {**fields, "m": fields["m"].reshape(-1)}
 
 
@@ -362,7 +364,7 @@ _LORA_KINDS = (
             w, rank=rank, key=jr.key(0), dtype=dtype, **flags
         ),
         to_peft=lambda fields: _transposed(fields, ("a", "b")),
-        from_peft=lambda fields: _transposed(fields, ("a", "b")),
+        from_peft=lambda fields, shape: _transposed(fields, ("a", "b")),
     ),
 )
 # PEFT's magnitude is the norm of `w + s·B@A` per output unit, as our `m`.
@@ -443,10 +445,13 @@ def _lokr_layout(batch, shape, rank, config) -> Shapes:
 def _lokr_conv_layout(batch, shape, rank, config) -> Shapes:
     """PEFT's LoKr for a conv (`LoKrLayer.update_layer` for Conv1d/2d): `w1` as for a
     Linear over `(out, in/groups)`; `w2` whole as `(k, q, *kernel)` or, below half of
-    `max(k, q)`, as `w2_a (k, r) @ w2_b (r, q·window)` (with `use_effective_conv2d` and
-    a kernel larger than 1, as Tucker cores instead, which lora_jax does not hold)."""
+    `max(k, q)`, as `w2_a (k, r) @ w2_b (r, q·window)`; with `use_effective_conv2d` and
+    a kernel larger than 1, as the Tucker core `t2 (r, r, *kernel)` (a Conv1d's
+    `(r, r, k, 1)`) with `w2_a (r, k)` and `w2_b (r, q)`."""
     _no_stacking(batch, "LoKr")
     out, inp, *kernel = shape
+    if len(kernel) > 2:
+        raise ValueError("PEFT's LoKr adapts Conv1d and Conv2d, not Conv3d")
     shapes = _lokr_layout((), (out, inp), rank, config)
     if "w2" in shapes:
         if len(kernel) == 1 and math.prod(kernel) > 1:
@@ -457,27 +462,77 @@ def _lokr_conv_layout(batch, shape, rank, config) -> Shapes:
                 f"{max(shapes['w2']) / 2:g} for this layer"
             )
         shapes["w2"] = (*shapes["w2"], *kernel)
+    elif config.get("use_effective_conv2d", False) and math.prod(kernel) > 1:
+        (k, r), (_, q) = shapes["w2_a"], shapes["w2_b"]
+        shapes.update(w2_a=(r, k), w2_b=(r, q), t2=(r, r, *_peft_window(kernel)))
     else:
-        if config.get("use_effective_conv2d", False) and math.prod(kernel) > 1:
-            raise ValueError(
-                "`use_effective_conv2d=true` gives a LoKr conv with a kernel larger than 1 "
-                "PEFT's Tucker core (`lokr_t2`), which lora_jax does not hold"
-            )
         k, r = shapes["w2_a"]
         shapes["w2_b"] = (r, shapes["w2_b"][1] * math.prod(kernel))
     return shapes
 
 
+def _peft_window(kernel) -> tuple[int, ...]:
+    """A Tucker core's spatial shape in PEFT: a Conv1d's is `(k, 1)`."""
+    return (*kernel, 1) if len(kernel) == 1 else tuple(kernel)
+
+
+def _tucker_to_peft(fields: Fields, cores: Sequence[str], outer: Sequence[str]) -> Fields:
+    """Our Tucker-form tensors in PEFT's layout: the `outer` factors `(out, r)` as
+    PEFT's `(r, out)`, a Conv1d's cores `(r, r, k)` as `(r, r, k, 1)`."""
+    if cores[0] not in fields:
+        return fields
+    out = _transposed(fields, outer)
+    for c in cores:
+        out[c] = out[c].reshape(*out[c].shape[:2], *_peft_window(out[c].shape[2:]))
+    return out
+
+
+def _tucker_from_peft(fields: Fields, shape, cores: Sequence[str], outer: Sequence[str]):
+    """PEFT's Tucker-form tensors in our layout, the cores shaped by the kernel's
+    spatial dimensions (a Conv1d's lose PEFT's trailing 1)."""
+    if cores[0] not in fields:
+        return fields
+    out = _transposed(fields, outer)
+    for c in cores:
+        out[c] = out[c].reshape(*out[c].shape[:2], *shape[2:])
+    return out
+
+
+def _tucker_config(layers: list[Layer], core: str, method: str) -> dict:
+    """PEFT's one `use_effective_conv2d` for every layer: whether the conv adapters it
+    concerns (a kernel larger than 1 and, for LoKr, a decomposed `w2`) hold the Tucker
+    core `core`. A mix of both has no PEFT config."""
+    held = {
+        core in layer.fields
+        for layer in layers
+        if layer.kind.layer is eqx.nn.Conv
+        and math.prod(layer.shape[2:]) > 1
+        and "w2" not in layer.fields
+    }
+    if len(held) > 1:
+        raise ValueError(
+            f"Some {method} conv adapters are in PEFT's Tucker form "
+            "(`use_effective_conv2d=True`) and others are not, but a PEFT config has one "
+            "`use_effective_conv2d` for every layer; adapt every conv the same way."
+        )
+    return {"use_effective_conv2d": held == {True}}
+
+
 def _lokr_pairs(fields) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """`((l, p), (k, q, ...))`: the shapes of `w1` and `w2`, held whole or as products
-    (a conv's whole `w2` has the kernel's spatial dimensions too)."""
+    (a conv's whole `w2` and a Tucker core give the kernel's spatial dimensions too).
+    `fields` in PEFT's layout."""
 
     def pair(full, a, b):
         if full in fields:
             return tuple(fields[full].shape)
         return fields[a].shape[0], fields[b].shape[1]
 
-    return pair("w1", "w1_a", "w1_b"), pair("w2", "w2_a", "w2_b")
+    if "t2" in fields:  # PEFT's Tucker `w2_a` is (r, k)
+        w2 = (fields["w2_a"].shape[1], fields["w2_b"].shape[1], *fields["t2"].shape[2:])
+    else:
+        w2 = pair("w2", "w2_a", "w2_b")
+    return pair("w1", "w1_a", "w1_b"), w2
 
 
 def _lokr_dims(fields) -> tuple[int, ...]:
@@ -486,13 +541,16 @@ def _lokr_dims(fields) -> tuple[int, ...]:
 
 
 def _lokr_conv_dims(fields) -> tuple[int, ...]:
-    """A conv's kernel shape, where a whole `w2` gives it; with `w2_b`, the window is
-    folded into `in` (as LoHa's)."""
+    """A conv's kernel shape, where a whole `w2` or a Tucker core gives it (a PEFT
+    Conv1d's core gives `(k, 1)`); with `w2_b`, the window is folded into `in` (as
+    LoHa's)."""
     (l, p), (k, q, *kernel) = _lokr_pairs(fields)
     return l * k, p * q, *kernel
 
 
 def _lokr_rank(fields) -> int | None:
+    if "t2" in fields:
+        return fields["t2"].shape[0]
     for f in ("w1_a", "w2_a"):
         if f in fields:
             return fields[f].shape[-1]
@@ -500,6 +558,7 @@ def _lokr_rank(fields) -> int | None:
 
 
 _LOKR_TENSORS = tuple((f"lokr_{f}", f) for f in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b"))
+_LOKR_CONV_TENSORS = (*_LOKR_TENSORS, ("lokr_t2", "t2"))
 
 
 def _refuse_lokr_conv(layer) -> str | None:
@@ -518,6 +577,7 @@ def _new_lokr(weight, rank, config, dtype, flags, cls=LokrArray):
         rank_dropout=float(config.get("rank_dropout") or 0.0),
         module_dropout=float(config.get("module_dropout") or 0.0),
         rank_dropout_scale=bool(config.get("rank_dropout_scale", False)),
+        use_effective_conv2d=bool(config.get("use_effective_conv2d", False)),
         dtype=dtype,
         **flags,
     )
@@ -531,11 +591,12 @@ def _lokr_fits(layer: Layer, config: dict) -> bool:
 
 
 def _lokr_structure(layers: list[Layer]) -> dict:
-    """The `decompose_both` and `decompose_factor` under which PEFT builds every layer
-    with the factors it holds. Tried in order: PEFT's defaults, then every factor that
-    could give another split: one that divides a dimension (so it is some layer's `l`
-    or `p`) or one below a dimension's square root (any other factor splits as `-1`
-    does)."""
+    """The `decompose_both`, `decompose_factor` and `use_effective_conv2d` under which
+    PEFT builds every layer with the factors it holds. Tried in order: PEFT's defaults,
+    then every factor that could give another split: one that divides a dimension (so
+    it is some layer's `l` or `p`) or one below a dimension's square root (any other
+    factor splits as `-1` does)."""
+    tucker = _tucker_config(layers, "t2", "LoKr")
     factors = [-1]
     for layer in layers:
         (l, p), _ = _lokr_pairs(layer.fields)
@@ -545,12 +606,12 @@ def _lokr_structure(layers: list[Layer]) -> dict:
     factors = list(dict.fromkeys(factors))
     for both in (False, True):
         for f in factors:
-            config = {"decompose_both": both, "decompose_factor": f}
+            config = {"decompose_both": both, "decompose_factor": f, **tucker}
             if all(_lokr_fits(layer, config) for layer in layers):
                 return config
     for layer in layers:  # a layer PEFT cannot hold at all says why
         try:
-            layer.kind.layout((), layer.shape, layer.rank, {})
+            layer.kind.layout((), layer.shape, layer.rank, tucker)
         except ValueError as e:
             raise ValueError(f"A LoKr adapter of a {layer.shape} weight has no PEFT form: {e}.")
     first = layers[0]
@@ -586,24 +647,35 @@ def _loha_layout(batch, shape, rank, config) -> Shapes:
 
 
 def _loha_conv_layout(batch, shape, rank, config) -> Shapes:
-    """PEFT's LoHa conv without `use_effective_conv2d`: the kernel as the matrix
-    `(out, in/groups·window)`. (PEFT turns `use_effective_conv2d` off for a 1×1
-    kernel; for a larger one it builds Tucker cores, which lora_jax does not hold.)"""
+    """PEFT's LoHa conv: without `use_effective_conv2d` (or for a 1×1 kernel, where
+    PEFT turns it off) the kernel as the matrix `(out, in/groups·window)`; with it,
+    PEFT's Tucker form, per factor `hada_w?_a (r, out)`, `hada_w?_b (r, in/groups)`
+    and the core `hada_t? (r, r, *kernel)` (a Conv1d's `(r, r, k, 1)`)."""
     _no_stacking(batch, "LoHa conv")
     out, *rest = shape
-    if config.get("use_effective_conv2d", False) and math.prod(rest[1:]) > 1:
-        raise ValueError(
-            "`use_effective_conv2d=true` gives a LoHa conv with a kernel larger than 1 "
-            "PEFT's Tucker cores (`hada_t1`, `hada_t2`), which lora_jax does not hold; "
-            "only `use_effective_conv2d=false` adapters of such convs load."
-        )
+    kernel = rest[1:]
+    if len(kernel) > 2:
+        raise ValueError("PEFT's LoHa adapts Conv1d and Conv2d, not Conv3d")
+    if config.get("use_effective_conv2d", False) and math.prod(kernel) > 1:
+        inp, core = rest[0], (rank, rank, *_peft_window(kernel))
+        pair = {"a": (rank, out), "b": (rank, inp)}
+        return {f"w{i}{x}": s for i in "12" for x, s in pair.items()} | {"t1": core, "t2": core}
     return _loha_layout((), (out, math.prod(rest)), rank, config)
+
+
+def _loha_conv_dims(fields) -> tuple[int, ...]:
+    """A LoHa conv's kernel shape where Tucker cores give it (a PEFT Conv1d's core
+    gives `(k, 1)`), else the kernel flattened, `(out, in·window)`."""
+    if "t1" in fields:
+        return fields["w1a"].shape[1], fields["w1b"].shape[1], *fields["t1"].shape[2:]
+    return fields["w1a"].shape[-2], fields["w1b"].shape[-1]
 
 
 def _loha_options(config, flags) -> dict:
     return {
         "rank_dropout": float(config.get("rank_dropout") or 0.0),
         "module_dropout": float(config.get("module_dropout") or 0.0),
+        "use_effective_conv2d": bool(config.get("use_effective_conv2d", False)),
         **flags,
     }
 
@@ -629,8 +701,8 @@ def _refuse_loha_conv(layer) -> str | None:
 
 
 def _configure_loha(layers, values) -> dict:
-    del layers
     return {
+        **_tucker_config(layers, "t1", "LoHa"),
         "rank_dropout": _most_common([float(v.rank_dropout) for v in values]) or 0.0,
         "module_dropout": _most_common([float(v.module_dropout) for v in values]) or 0.0,
     }
@@ -711,23 +783,22 @@ PEFT_METHODS: dict[str, PeftMethod] = {
                 name="Conv",
                 layer=eqx.nn.Conv,
                 adapter_type=LokrConvArray,
-                tensors=_LOKR_TENSORS,
+                tensors=_LOKR_CONV_TENSORS,
                 layout=_lokr_conv_layout,
                 dims=_lokr_conv_dims,
                 rank_of=_lokr_rank,
                 new=lambda w, rank, config, dtype, flags: _new_lokr(
                     w, rank, config, dtype, flags, LokrConvArray
                 ),
+                to_peft=lambda fields: _tucker_to_peft(fields, ("t2",), ("w2_a",)),
+                from_peft=lambda fields, shape: _tucker_from_peft(
+                    fields, shape, ("t2",), ("w2_a",)
+                ),
                 refuse=_refuse_lokr_conv,
             ),
         ),
         configure=_configure_lokr,
         defaults=_LOKR_DEFAULTS,
-        unsupported={
-            s: "a Tucker core of `use_effective_conv2d=true`, which lora_jax does not hold "
-            "(it loads `use_effective_conv2d=false` conv adapters)"
-            for s in ("lokr_t2",)
-        },
         alpha_key="alpha",
         rslora=False,
         bias=False,
@@ -752,16 +823,24 @@ PEFT_METHODS: dict[str, PeftMethod] = {
                     w, rank=rank, key=jr.key(0), dtype=dtype, **_loha_options(config, flags)
                 ),
                 refuse=_refuse_loha_conv,
-                **{**_LOHA_LINEAR, "name": "Conv", "layer": eqx.nn.Conv},
+                to_peft=lambda fields: _tucker_to_peft(fields, ("t1", "t2"), ("w1a", "w2a")),
+                from_peft=lambda fields, shape: _tucker_from_peft(
+                    fields, shape, ("t1", "t2"), ("w1a", "w2a")
+                ),
+                **{
+                    **_LOHA_LINEAR,
+                    "name": "Conv",
+                    "layer": eqx.nn.Conv,
+                    "tensors": (*_LOHA_LINEAR["tensors"], ("hada_t1", "t1"), ("hada_t2", "t2")),
+                    "dims": _loha_conv_dims,
+                    "rank_of": lambda fields: (
+                        fields["t1"].shape[0] if "t1" in fields else _LOHA_LINEAR["rank_of"](fields)
+                    ),
+                },
             ),
         ),
         configure=_configure_loha,
         defaults=_LOHA_DEFAULTS,
-        unsupported={
-            s: "a Tucker core of `use_effective_conv2d=true`, which lora_jax does not hold "
-            "(it loads `use_effective_conv2d=false` conv adapters)"
-            for s in ("hada_t1", "hada_t2")
-        },
         alpha_key="alpha",
         rslora=False,
         bias=False,
@@ -1740,7 +1819,7 @@ def load_peft(
             rank, scaling = check_layer(method, kind, config, module, fields, shape, wpath)
             ranks.append(rank)
             scalings.append(scaling)
-            converted.append(kind.from_peft(fields))
+            converted.append(kind.from_peft(fields, shape))
         if len(set(ranks)) > 1:
             raise ValueError(
                 f"{wpath!r} has ranks {ranks} for the layers stacked in {ours!r}; a stack "
@@ -2013,7 +2092,7 @@ def peft_to_lora_jax_file(src, dst) -> None:
             )
         rank, scaling = check_layer(method, kind, config, module, fields, None, where)
         path = f"{module}.weight"
-        for f, arr in kind.from_peft(fields).items():
+        for f, arr in kind.from_peft(fields, kind.dims(fields)).items():
             out[f"{path}.{f}"] = arr
         s = np.asarray(scaling, np.float32)
         out[f"{path}.scaling"] = s
@@ -2022,7 +2101,7 @@ def peft_to_lora_jax_file(src, dst) -> None:
             "rank": rank,
             "scaling": float(s),
         }
-        if kind.adapter_type is LokrConvArray:  # its format records the kernel's shape
+        if kind.adapter_type in (LokrConvArray, LohaConvArray):  # formats with the shape
             info[path]["shape"] = list(kind.dims(fields))
         if kind.layer is eqx.nn.Conv:
             kernel_ndim[module] = len(kind.dims(fields))

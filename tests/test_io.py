@@ -342,7 +342,9 @@ def test_tucker_structure_must_match(tmp_path, getkey):
     tensors, _ = lio.read_safetensors(path)
     assert {"conv.weight.t1", "conv.weight.t2"} <= set(tensors)
     plain = METHOD_CASES["loha_conv"](base, getkey())
-    with pytest.raises(ValueError, match=r"has tensor 'conv\.weight\.t1' that `model` does not have"):
+    with pytest.raises(
+        ValueError, match=r"has tensor 'conv\.weight\.t1' that `model` does not have"
+    ):
         lora.load_adapter(path, plain)
 
 

@@ -958,12 +958,20 @@ def _dense_kernel(w) -> np.ndarray:
             return v
         norm = np.sqrt((v**2).reshape(len(v), -1).sum(1))
         return v * (_f64(w.m) / norm).reshape(-1, *(1,) * (v.ndim - 1))
+    # PEFT's Tucker form: W[o, i, *s] = Σ a[o, x]·t[x, y, *s]·b[y, i].
+    tucker = lambda a, t, b: np.einsum("ox,xy...,yi->oi...", _f64(a), _f64(t), _f64(b))  # noqa: E731
     if isinstance(w, lora.LohaConvArray):
-        delta = (_f64(w.w1a) @ _f64(w.w1b)) * (_f64(w.w2a) @ _f64(w.w2b))
+        if w.t1 is not None:
+            delta = tucker(w.w1a, w.t1, w.w1b) * tucker(w.w2a, w.t2, w.w2b)
+        else:
+            delta = (_f64(w.w1a) @ _f64(w.w1b)) * (_f64(w.w2a) @ _f64(w.w2b))
         return base + s * delta.reshape(base.shape)
     if isinstance(w, lora.LokrConvArray):
         w1 = _f64(w.w1) if w.w1 is not None else _f64(w.w1_a) @ _f64(w.w1_b)
-        w2 = _f64(w.w2) if w.w2 is not None else _f64(w.w2_a) @ _f64(w.w2_b)
+        if w.t2 is not None:
+            w2 = tucker(w.w2_a, w.t2, w.w2_b)
+        else:
+            w2 = _f64(w.w2) if w.w2 is not None else _f64(w.w2_a) @ _f64(w.w2_b)
         w2 = w2.reshape(w2.shape[0], -1, *base.shape[2:])
         return base + s * np.einsum("iu,jv...->ijuv...", w1, w2).reshape(base.shape)
     if isinstance(w, lora.LoraEmbeddingArray):
@@ -993,10 +1001,11 @@ def _run_torch(tmodel, xs):
         return tmodel(torch.from_numpy(np.array(xs))).numpy()
 
 
-# PEFT's LoHa and LoKr adapt Conv1d and Conv2d; LoRA and DoRA Conv3d too.
+# PEFT's LoHa and LoKr adapt Conv1d and Conv2d (with or without the Tucker form of
+# `use_effective_conv2d`); LoRA and DoRA Conv3d too.
 CONV_METHODS = [
     (m, d)
-    for m in ("lora", "dora", "loha", "lokr")
+    for m in ("lora", "dora", "loha", "lokr", "loha-tucker", "lokr-tucker")
     for d in (1, 2, 3)
     if m in ("lora", "dora") or d < 3
 ]
@@ -1007,12 +1016,18 @@ def test_conv_adapters_both_ways(tmp_path, getkey, method, dims):
     """Conv adapters in PEFT's format: lora_jax's file loads in PEFT and gives the same
     output as the dense reference; PEFT's file of its own random adapter loads into
     the base model and gives PEFT's output; and the round trip is bitwise."""
+    method, _, form = method.partition("-")
+    tucker = dict(use_effective_conv2d=True) if form == "tucker" else {}
     base = ConvNet(getkey(), dims)
     xs = np.asarray(jr.normal(getkey(), (2, 3, *(7,) * dims)), np.float32)
     bias = "all" if method in ("lora", "dora") else "none"
     model = lora.loraify(
-        base, rank=2, alpha=3.0, key=getkey(), method=method, where=["conv", "mix"]
+        base, rank=2, alpha=3.0, key=getkey(), method=method, where=["conv", "mix"], **tucker
     )
+    if tucker:  # the 3-wide conv holds cores, the 1×1 one the plain factors (as PEFT)
+        core = model.conv.weight.t1 if method == "loha" else model.conv.weight.t2
+        assert core.shape == (2, 2, *(3,) * dims)
+        assert model.mix.weight.t2 is None
     model = randomise_model(model, getkey())
     if bias == "all":
         model = eqx.tree_at(
@@ -1038,8 +1053,8 @@ def test_conv_adapters_both_ways(tmp_path, getkey, method, dims):
     config = {
         "lora": peft.LoraConfig(r=2, lora_alpha=3, target_modules=["conv", "mix"], bias="all"),
         "dora": peft.LoraConfig(r=2, lora_alpha=3, target_modules=["conv", "mix"], use_dora=True),
-        "loha": peft.LoHaConfig(r=2, alpha=3, target_modules=["conv", "mix"]),
-        "lokr": peft.LoKrConfig(r=2, alpha=3, target_modules=["conv", "mix"]),
+        "loha": peft.LoHaConfig(r=2, alpha=3, target_modules=["conv", "mix"], **tucker),
+        "lokr": peft.LoKrConfig(r=2, alpha=3, target_modules=["conv", "mix"], **tucker),
     }[method]
     pmodel = _randomise_torch(
         peft.get_peft_model(_copy_into_torch(base, TorchConvNet(dims)), config)
@@ -1163,14 +1178,9 @@ def test_conv_refusals(tmp_path, getkey):
         lora.save_peft(tmp_path / "out", up)
     assert not (tmp_path / "out").exists()
 
-    # PEFT's LoHa with `use_effective_conv2d=True` holds Tucker cores for a 3×3 conv.
+    # With `use_effective_conv2d=True`, PEFT's LoHa for a 1×1 conv builds the plain
+    # factors, which load as such.
     base = ConvNet(getkey())
-    config = peft.LoHaConfig(r=2, alpha=2, target_modules=["conv"], use_effective_conv2d=True)
-    pmodel = peft.get_peft_model(_copy_into_torch(base, TorchConvNet()), config)
-    pmodel.save_pretrained(str(tmp_path / "tucker"))
-    with pytest.raises(ValueError, match="Tucker core of `use_effective_conv2d=true`"):
-        lora.load_peft(tmp_path / "tucker", base)
-    # ...but for a 1×1 conv PEFT builds the plain factors, which load.
     config = peft.LoHaConfig(r=2, alpha=2, target_modules=["mix"], use_effective_conv2d=True)
     pmodel = _randomise_torch(peft.get_peft_model(_copy_into_torch(base, TorchConvNet()), config))
     pmodel.save_pretrained(str(tmp_path / "pointwise"))
@@ -1196,6 +1206,58 @@ def test_conv_refusals(tmp_path, getkey):
     grouped = [eqx.nn.Conv2d(8, 6, 3, groups=2, key=getkey())]
     with pytest.raises(ValueError, match="groups=2"):
         lora.load_peft(tmp_path / "plain", grouped)
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_tucker_and_plain_convs_have_no_one_config(tmp_path, getkey, method):
+    """PEFT's config has one `use_effective_conv2d`: 3×3 convs adapted with and
+    without the Tucker form cannot be saved together; nothing is written."""
+    k1, k2 = jr.split(getkey())
+    model = {"a": eqx.nn.Conv2d(4, 8, 3, key=k1), "b": eqx.nn.Conv2d(4, 8, 3, key=k2)}
+    model = lora.loraify(model, rank=1, key=getkey(), method=method, where=["a"])
+    model = lora.loraify(
+        model, rank=1, key=getkey(), method=method, where=["b"], use_effective_conv2d=True
+    )
+    with pytest.raises(ValueError, match="one `use_effective_conv2d` for every layer"):
+        lora.save_peft(tmp_path / "out", model)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_tucker_files_convert_both_ways(tmp_path, getkey, method):
+    """`python -m lora_jax convert` for Tucker-form conv adapters: to a PEFT directory
+    real PEFT loads (same outputs), and back to a file that loads bitwise. A PEFT
+    Conv1d's core is `(r, r, k, 1)`, read without a model as a Conv2d's `k×1` kernel:
+    such a file does not load into the Conv1d model, and says why."""
+    from lora_jax.__main__ import main
+
+    for dims in (2, 1):
+        base = ConvNet(getkey(), dims)
+        # (Only the 3-wide conv: the 1×1 one holds PEFT's plain factors, which a file
+        # without a model reads as a Linear's.)
+        options = dict(method=method, use_effective_conv2d=True, where=["conv"])
+        model = lora.loraify(base, rank=2, alpha=3.0, key=getkey(), **options)
+        model = randomise_model(model, getkey())
+        src = tmp_path / f"ours{dims}.safetensors"
+        lora.save_adapter(src, model)
+        assert main(["convert", str(src), str(tmp_path / f"peft{dims}")]) == 0
+        pmodel = peft.PeftModel.from_pretrained(
+            _copy_into_torch(base, TorchConvNet(dims)), str(tmp_path / f"peft{dims}")
+        ).eval()
+        xs = np.asarray(jr.normal(getkey(), (2, 3, *(7,) * dims)), np.float32)
+        got, want = _run(model, xs)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(_run_torch(pmodel, xs), want, rtol=1e-4, atol=1e-4)
+        back = tmp_path / f"back{dims}.safetensors"
+        assert main(["convert", str(tmp_path / f"peft{dims}"), str(back)]) == 0
+        fresh = lora.loraify(base, rank=2, key=getkey(), **options)
+        if dims == 1:
+            with pytest.raises(ValueError, match=r"with shape \[5, 3, 3, 1\], but `model` has"):
+                lora.load_adapter(back, fresh)
+            continue
+        loaded = lora.load_adapter(back, fresh)
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(model)):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
 def test_lokr_conv_whole_w2_both_ways(tmp_path, getkey):
