@@ -11,14 +11,17 @@ a loop many times slower, so there the default `--inner 1` times one step per ca
 calls are interleaved and the median per step is reported.
 
     PYTHONPATH=. python benchmarks/conv_step.py [--form peft|balanced]
-        [--method lora|dora|loha|lokr] [--conv-path factored|merged] [--runs 20]
+        [--method lora|dora|loha|lokr] [--conv-path factored|merged] [--tucker]
+        [--runs 20]
 
 DoRA and LoHa (`--method dora|loha`) take the "peft" form (LoHa: a rank-r² one; its
 `--rank 4` trains as many parameters as LoRA's rank 8). LoKr (`--method lokr`) splits
 64 channels as 8 × 8: at rank 8 its `w2` is whole (8 × 8 × 3 × 3) and it runs as a
 conv LoRA of rank 64 whose first conv is grouped 8 ways. `--conv-path merged` forms
 each kernel `w + s·Δ` for the step and runs one conv per pass instead of the thin
-factor convs.
+factor convs. `--tucker` (LoHa, LoKr) takes PEFT's Tucker form,
+`use_effective_conv2d=True`: LoHa's factors, and LoKr's `w2` where it is decomposed
+(at 64 channels, rank below 4: `--rank 2`), hold an `r × r × 3 × 3` core.
 """
 
 import argparse
@@ -58,6 +61,7 @@ def main():
     parser.add_argument("--form", default="peft", choices=["peft", "balanced"])
     parser.add_argument("--method", default="lora", choices=["lora", "dora", "loha", "lokr"])
     parser.add_argument("--conv-path", default="factored", choices=["factored", "merged"])
+    parser.add_argument("--tucker", action="store_true")
     parser.add_argument("--runs", type=int, default=20)
     # Steps per jitted call: 1 (the default) calls the step itself; more run a
     # `lax.scan` of steps, for a GPU (XLA's CPU runs these convs far slower in a loop).
@@ -79,6 +83,10 @@ def main():
         "loha": {},  # PEFT's init_weights=True: a no-op, as the others' "peft" init
         "lokr": {},
     }[args.method]
+    if args.tucker:
+        if args.method not in ("loha", "lokr"):
+            parser.error("--tucker is PEFT's use_effective_conv2d, for --method loha or lokr")
+        options["use_effective_conv2d"] = True
     model = lora.loraify(
         net,
         rank=args.rank,
@@ -146,7 +154,8 @@ def main():
         t_floor.append(timed(base))
     s, f = np.median(t_step) / args.inner, np.median(t_floor) / args.inner
     print(
-        f"method={args.method} form={args.form} conv_path={args.conv_path} "
+        f"method={args.method}{' (Tucker)' if args.tucker else ''} form={args.form} "
+        f"conv_path={args.conv_path} "
         f"batch={args.batch} {args.width}ch {args.size}x{args.size} rank={args.rank} "
         f"devices={jax.devices()[0].platform}"
     )

@@ -45,11 +45,15 @@ def test_step_tiny(tmp_path):
 @pytest.mark.parametrize(
     "method,path",
     [("lora", "factored"), ("dora", "factored"), ("loha", "factored"), ("lokr", "factored")]
-    + [("lora", "merged"), ("lokr", "merged")],
+    + [("lora", "merged"), ("lokr", "merged"), ("loha-tucker", "factored")]
+    + [("lokr-tucker", "merged")],
 )
 def test_conv_step_tiny(method, path):
+    method, _, tucker = method.partition("-")
     args = ["--method", method, "--conv-path", path, "--batch", "2", "--width", "8"]
     args += ["--size", "8", "--runs", "2", "--inner", "2"]
+    if tucker:  # LoKr's `w2` (4 × 4 × 3 × 3 at 8 channels) is decomposed at rank 1
+        args += ["--tucker", "--rank", "1"]
     run = run_script("conv_step.py", *args)
     assert re.search(rf"^{method} step  median +[\d.]+ ms$", run.stdout, re.M), run.stdout
     assert float(re.search(r"^ratio ([\d.]+)$", run.stdout, re.M).group(1)) > 0
