@@ -658,3 +658,23 @@ def test_conv_rank_dropout_masks_output_channels(getkey, method):
     fraction = float(kept.mean())
     np.testing.assert_allclose(dropped[:, kept], full[:, kept] / fraction, rtol=1e-4, atol=1e-4)
     assert np.allclose(per_channel(dropped)[~kept], 0, atol=1e-5)  # a GPU's rounding
+
+
+GPU_BLOCK_ROWS = [
+    r
+    for r in ROWS
+    if "-lokr" in r.id and r.id.startswith(("conv2d-groups", "conv3d")) and "merged" not in r.id
+]
+
+
+@pytest.mark.parametrize("row", GPU_BLOCK_ROWS, ids=[r.id for r in GPU_BLOCK_ROWS])
+def test_lokr_block_conv_as_on_a_gpu(row, getkey, monkeypatch):
+    """LoKr's first factor conv (`b` on each slice of the input channels) takes another
+    branch on a GPU than on the CPU: a block-diagonal kernel where that is at most half
+    the weight's size, a grouped conv otherwise. Run here by choosing the GPU's branch:
+    the forward pass and the factor gradients equal the dense reference, and no array
+    of the weight's shape is built."""
+    monkeypatch.setattr(lax, "platform_dependent", lambda *args, default, **_: default(*args))
+    test_forward_matches_dense(row, getkey)
+    test_factor_gradients_match_dense(row, getkey)
+    test_no_materialised_weight(row, getkey)
