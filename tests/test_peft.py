@@ -1167,11 +1167,18 @@ def test_conv_adapters_without_a_peft_form(tmp_path, getkey, conv, method, messa
     assert not (tmp_path / "out").exists()
 
 
-def test_conv_refusals(tmp_path, getkey):
+def test_conv_refusals(tmp_path, getkey, capsys):
     cube = [eqx.nn.Conv3d(2, 3, 3, key=getkey())]
     loha = lora.loraify(cube, rank=2, key=getkey(), method="loha", where=lambda n, l: True)
     with pytest.raises(ValueError, match="PEFT's LoHa adapts Conv1d and Conv2d, not Conv3d"):
         lora.save_peft(tmp_path / "out", loha)
+    # The same from a lora_jax file, without the model: its metadata holds the kernel's
+    # shape.
+    from lora_jax.__main__ import main
+
+    lora.save_adapter(tmp_path / "cube.safetensors", loha)
+    assert main(["convert", str(tmp_path / "cube.safetensors"), str(tmp_path / "out")]) != 0
+    assert "PEFT's LoHa adapts Conv1d and Conv2d, not Conv3d" in capsys.readouterr().err
     up = [eqx.nn.ConvTranspose2d(2, 3, 3, key=getkey())]
     up = lora.loraify(up, rank=2, key=getkey(), where=lambda n, l: True)
     with pytest.raises(ValueError, match="PEFT does not adapt an ConvTranspose2d"):
