@@ -1314,3 +1314,41 @@ def test_load_keeps_conv_path(tmp_path, getkey):
     got, want = _run(loaded, xs)
     np.testing.assert_allclose(got, _run(saved, xs)[0], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "method,init_weights",
+    [("loha", True), ("loha", False), ("lokr", True), ("lokr", False), ("lokr", "lycoris")],
+)
+def test_tucker_init_as_peft(tmp_path, getkey, method, init_weights):
+    """A Tucker-form conv adapter starts as PEFT's does for the same config: the same
+    tensors and shapes (in PEFT's layout), zero where PEFT's are zero, and elsewhere
+    drawn from PEFT's Kaiming-uniform(a=√5), `U(±1/√fan_in)` with PEFT's fan-in (each
+    tensor's largest entry below that bound and above half of it, as PEFT's own)."""
+    conv = [eqx.nn.Conv2d(64, 128, 3, key=getkey())]
+    options = dict(method=method, use_effective_conv2d=True, init_weights=init_weights)
+    ours = lora.loraify(conv, rank=2, key=getkey(), where=lambda n, l: True, **options)
+    lora.save_peft(tmp_path, ours)
+    got = {
+        k.rpartition(".")[2]: v
+        for k, v in load_file(tmp_path / "adapter_model.safetensors").items()
+    }
+    config = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}[method](
+        r=2, target_modules=["0"], use_effective_conv2d=True, init_weights=init_weights
+    )
+    torch_conv = torch.nn.Sequential(torch.nn.Conv2d(64, 128, 3))
+    layer = peft.get_peft_model(torch_conv, config).base_model.model[0]
+    theirs = {
+        name: p["default"].detach().numpy()
+        for name in layer.adapter_layer_names
+        if "default" in (p := getattr(layer, name))
+    }
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in theirs.items()}
+    for name, want in theirs.items():
+        have = np.asarray(got[name], np.float32)
+        if not np.any(want):
+            assert not np.any(have), name
+            continue
+        bound = 1 / math.sqrt(math.prod(want.shape[1:]))
+        for x in (have, want):
+            assert 0.5 * bound < np.abs(x).max() <= bound * (1 + 1e-6), name
