@@ -13,7 +13,7 @@ import quax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from . import _mosaic
-from ._base import AbstractAdapter, as_scaling
+from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._dropout import module_keep, unit_mask
 from ._rules import Dims, join_dims, plain_product, result_order
 from ._validate import (
@@ -153,18 +153,19 @@ class LokrArray(AbstractAdapter):
 
     The Kronecker product is never formed: the contracted dimension of `x` is reshaped
     into `(p, q)` and contracted with `w2` and `w1` in turn, in an order that leaves the
-    result in `dot_general`'s layout. Only a plain matrix (no stacked leading
-    dimensions) is supported.
+    result in `dot_general`'s layout. Leading dimensions of `w` (stacked layers, for
+    `lax.scan` or a mixture of experts) are carried by every factor and the scaling;
+    a product with the whole stack runs one such product per matrix (`jax.vmap`).
     """
 
-    _w: Shaped[Array, "out in"]
-    w1: Float[Array, "l p"] | None
-    w1_a: Float[Array, "l rank"] | None
-    w1_b: Float[Array, "rank p"] | None
-    w2: Float[Array, "k q"] | None
-    w2_a: Float[Array, "k rank"] | None
-    w2_b: Float[Array, "rank q"] | None
-    scaling: Float[Array, ""]
+    _w: Shaped[Array, "*batch out in"]
+    w1: Float[Array, "*batch l p"] | None
+    w1_a: Float[Array, "*batch l rank"] | None
+    w1_b: Float[Array, "*batch rank p"] | None
+    w2: Float[Array, "*batch k q"] | None
+    w2_a: Float[Array, "*batch k rank"] | None
+    w2_b: Float[Array, "*batch rank q"] | None
+    scaling: Float[Array, "*batch"]
     dropout_key: PRNGKeyArray | None
     r: int = eqx.field(static=True)
     rank_dropout: float = eqx.field(static=True)
@@ -181,7 +182,7 @@ class LokrArray(AbstractAdapter):
 
     def __init__(
         self,
-        weight: Shaped[Array, "out in"],
+        weight: Shaped[Array, "*batch out in"],
         *,
         rank: int,
         key: PRNGKeyArray,
@@ -200,7 +201,8 @@ class LokrArray(AbstractAdapter):
     ):
         """**Arguments:**
 
-        - `weight`: the original weight, of shape `(out, in)`.
+        - `weight`: the original weight, of shape `(*batch, out, in)`: every matrix
+            of a stack gets its own factors (drawn from `key` split per matrix).
         - `rank`: PEFT's `r`.
         - `key`: randomness for initialising the factors.
         - `alpha`: the scaling is `alpha / rank`. `None` (the default) means a scaling
@@ -214,7 +216,8 @@ class LokrArray(AbstractAdapter):
             Kaiming-uniform: not a no-op).
         - `rank_dropout`: PEFT's: the probability of zeroing each output row of the
             update (divided by the mean of the mask if `rank_dropout_scale`).
-        - `module_dropout`: PEFT's: the probability of skipping the update entirely.
+        - `module_dropout`: PEFT's: the probability of skipping the update entirely
+            (per matrix of a stack).
         - `rank_dropout_scale`: see `rank_dropout`.
 
             Both dropouts act only while the adapter holds a key (see
@@ -245,11 +248,6 @@ class LokrArray(AbstractAdapter):
             ```
         """
         check_weight(weight, "weight")
-        if len(weight.shape) != 2:
-            raise ValueError(
-                "`weight` must be a matrix `(out, in)` for LoKr; stacked weights of shape "
-                f"{tuple(weight.shape)} are not supported (adapt each layer separately)."
-            )
         rank = check_lokr_options(
             rank=rank,
             key=key,
@@ -266,12 +264,18 @@ class LokrArray(AbstractAdapter):
         )
         check_choice(kernel, "kernel", ("xla", "mosaic"))
         dtype = check_dtype(dtype, weight.dtype)
-        factors = lokr_factors(
-            key, weight.shape, rank, decompose_both, decompose_factor, init_weights, dtype
+        *batch, out, inp = weight.shape
+        make = lambda k: lokr_factors(
+            k, (out, inp), rank, decompose_both, decompose_factor, init_weights, dtype
         )
+        if batch:  # one key per matrix of the stack
+            keys = jr.split(key, math.prod(batch))
+            factors = jax.tree.map(lambda x: x.reshape(*batch, *x.shape[1:]), jax.vmap(make)(keys))
+        else:
+            factors = make(key)
         self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, _ = factors
         self._w = weight
-        self.scaling = as_scaling(1.0 if alpha is None else alpha / rank)
+        self.scaling = as_scaling(1.0 if alpha is None else alpha / rank, tuple(batch))
         self.r = rank
         self.rank_dropout = float(rank_dropout)
         self.module_dropout = float(module_dropout)
@@ -292,10 +296,15 @@ class LokrArray(AbstractAdapter):
 
     def delta(self) -> Array:
         w1, w2 = self.factors()
-        d = jnp.kron(w1, w2) * lax.stop_gradient(self.scaling).astype(w1.dtype)
-        return d.T if self.transposed else d
+        *batch, l, p = w1.shape
+        k, q = w2.shape[-2:]
+        d = jnp.einsum("...iu,...jv->...ijuv", w1, w2).reshape(*batch, l * k, p * q)
+        d = d * expand_scaling(lax.stop_gradient(self.scaling), d)
+        return jnp.swapaxes(d, -1, -2) if self.transposed else d
 
     def dot_general(self, other, dims: Dims, params):
+        if self._w.ndim > 2:
+            return _stacked_dot(self, other, dims, params)
         # A decomposed factor is applied as its two thin factors, never multiplied out:
         # `w2` is the large one (about `out/f × in/f`).
         w1 = self.w1 if self.w1 is not None else (self.w1_a, self.w1_b)
@@ -335,10 +344,70 @@ class LokrArray(AbstractAdapter):
 
     def transpose(self, permutation, *, swap):
         w = quax.quaxify(lambda x: lax.transpose(x, permutation))(self._w)
-        new = eqx.tree_at(lambda v: v._w, self, w)
+        # The factors keep the adapted matrix's layout; a stack's order follows `w`'s.
+        lead = tuple(permutation[:-2])
+        nb = len(lead)
+        order = lambda x: None if x is None else lax.transpose(x, lead + (nb, nb + 1))
+        names = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+        held = [f for f in names if getattr(self, f) is not None]
+        new = eqx.tree_at(
+            lambda v: (v._w, v.scaling, *(getattr(v, f) for f in held)),
+            self,
+            (w, lax.transpose(self.scaling, lead), *(order(getattr(self, f)) for f in held)),
+        )
         # A static field: set on the fresh copy `tree_at` made.
         object.__setattr__(new, "transposed", self.transposed != swap)
         return new
+
+
+def _stacked_dot(v: LokrArray, other, dims: Dims, params):
+    """A product with a stack of LoKr matrices (leading dimensions on `w`, every factor
+    and the scaling) as one product per matrix: `jax.vmap` over the stack's first
+    dimension, paired with `other`'s where it is a batch dimension of the product and
+    with `other` whole where it is free. Each matrix draws its own dropout from a key
+    split off the stack's. A product that sums over the stack forms the update alone
+    (never `w + Δ`)."""
+    if 0 in dims.adapter_contract:
+        return _delta_dot(v.w, v.delta(), other, dims, params)
+    n = v._w.shape[0]
+    shift = lambda ds, d: tuple(x - (x > d) for x in ds)
+    if 0 in dims.adapter_batch:
+        j = dims.adapter_batch.index(0)
+        o = dims.other_batch[j]
+        inner = Dims(
+            shift(dims.adapter_contract, 0),
+            shift(dims.other_contract, o),
+            shift(dims.adapter_batch[:j] + dims.adapter_batch[j + 1 :], 0),
+            shift(dims.other_batch[:j] + dims.other_batch[j + 1 :], o),
+            dims.adapter_lhs,
+        )
+        other_axis, out_axis = o, j
+    else:
+        inner = Dims(
+            shift(dims.adapter_contract, 0),
+            dims.other_contract,
+            shift(dims.adapter_batch, 0),
+            dims.other_batch,
+            dims.adapter_lhs,
+        )
+        # The stack's dimension is the adapter's first free one: first of its free
+        # dimensions in the output, after the batch ones (and `other`'s free ones when
+        # the adapter is on the right).
+        other_free = other.ndim - len(dims.other_contract) - len(dims.other_batch)
+        other_axis = None
+        out_axis = len(dims.adapter_batch) + (0 if dims.adapter_lhs else other_free)
+    key = v.dropout_key
+    keys = None if key is None else jr.split(key, n)
+    stack = eqx.tree_at(lambda x: x.dropout_key, v, None, is_leaf=lambda x: x is None)
+
+    def one(vi, x, ki):
+        if ki is not None:
+            vi = eqx.tree_at(lambda x: x.dropout_key, vi, ki, is_leaf=lambda x: x is None)
+        return vi.dot_general(x, inner, params)
+
+    return jax.vmap(
+        one, in_axes=(0, other_axis, 0 if keys is not None else None), out_axes=out_axis
+    )(stack, other, keys)
 
 
 def _factors(w1, w1_a, w1_b, w2, w2_a, w2_b):
@@ -395,6 +464,20 @@ def _lokr_product(w, w1, w2, scaling, transposed, other, dims: Dims, params, row
             if dims.adapter_lhs
             else (lax.dot_general(other, d, dn, precision=precision))
         )
+    return out + delta.astype(out.dtype)
+
+
+@quax.quaxify
+def _delta_dot(w, d, other, dims: Dims, params):
+    """`w·x + Δ·x` with the update `Δ` formed alone (never `w + Δ`)."""
+    out = plain_product(w, other, dims, params)
+    dn, precision = join_dims(*dims), params.get("precision")
+    x = other.astype(d.dtype)
+    delta = (
+        lax.dot_general(d, x, dn, precision=precision)
+        if dims.adapter_lhs
+        else lax.dot_general(x, d, dn, precision=precision)
+    )
     return out + delta.astype(out.dtype)
 
 

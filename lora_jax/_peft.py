@@ -424,8 +424,8 @@ def _lokr_layout(batch, shape, rank, config) -> Shapes:
     """PEFT's rule (`LoKrLayer.update_layer` for a Linear): `out = l·k`, `in = p·q`
     split by `factorization(·, decompose_factor)`; `w1 (l, p)` is held as
     `w1_a (l, r) @ w1_b (r, p)` when `decompose_both` and `r < max(l, p)/2`, `w2 (k, q)`
-    as `w2_a @ w2_b` when `r < max(k, q)/2`."""
-    _no_stacking(batch, "LoKr")
+    as `w2_a @ w2_b` when `r < max(k, q)/2`. A stack's matrices each get these, with
+    the stacking dimensions `batch` in front."""
     out, inp = shape
     factor = config.get("decompose_factor", -1)
     l, k = factorization(out, factor)
@@ -439,7 +439,7 @@ def _lokr_layout(batch, shape, rank, config) -> Shapes:
         shapes.update(w2_a=(k, rank), w2_b=(rank, q))
     else:
         shapes["w2"] = (k, q)
-    return shapes
+    return {f: (*batch, *s) for f, s in shapes.items()}
 
 
 def _lokr_conv_layout(batch, shape, rank, config) -> Shapes:

@@ -70,7 +70,7 @@ def ctx():
 CONSTRUCTORS = {
     "LoraArray": (lora.LoraArray, (3, 4), (4,)),
     "DoraArray": (lora.DoraArray, (3, 4), (4,)),
-    "LokrArray": (lora.LokrArray, (4, 6), (2, 4, 6)),
+    "LokrArray": (lora.LokrArray, (4, 6), (4,)),
     "LohaArray": (lora.LohaArray, (3, 4), (4,)),
     "LoraConvArray": (lora.LoraConvArray, (2, 3, 3), (2, 3)),
     "DoraConvArray": (lora.DoraConvArray, (2, 3, 3), (2, 3)),

@@ -55,12 +55,12 @@ VARIANTS = [
     Variant("lora-peft-init", "lora", 2, {"init": "peft"}),
     Variant("dora", "dora", 3),
     Variant("dora-rslora-peft", "dora", 2, {"rslora": True, "init": "peft"}),
-    Variant("lokr", "lokr", 2, stacked=False),
-    Variant("lokr-full-w2", "lokr", 4, stacked=False),
-    Variant("lokr-decompose-both", "lokr", 1, {"decompose_both": True}, stacked=False),
-    Variant("lokr-factor", "lokr", 2, {"decompose_factor": 2}, stacked=False),
-    Variant("lokr-lycoris", "lokr", 2, {"init_weights": "lycoris"}, stacked=False),
-    Variant("lokr-random", "lokr", 2, {"init_weights": False}, noop=False, stacked=False),
+    Variant("lokr", "lokr", 2),
+    Variant("lokr-full-w2", "lokr", 4),
+    Variant("lokr-decompose-both", "lokr", 1, {"decompose_both": True}),
+    Variant("lokr-factor", "lokr", 2, {"decompose_factor": 2}),
+    Variant("lokr-lycoris", "lokr", 2, {"init_weights": "lycoris"}),
+    Variant("lokr-random", "lokr", 2, {"init_weights": False}, noop=False),
     Variant("loha", "loha", 2),
     Variant("loha-random", "loha", 3, {"init_weights": False}, noop=False),
 ]
@@ -539,3 +539,97 @@ def test_dropout_arguments_are_checked(getkey):
         lora.LokrArray(w, rank=2, rank_dropout=-0.1, key=getkey())
     with pytest.raises(TypeError, match="`key`"):
         lora.with_dropout_keys(lora.LoraArray(w, rank=2, key=getkey()), 3)
+
+
+# --- LoKr on a stack of matrices --------------------------------------------------------
+
+STACK_PRODUCTS = {
+    # the stack a batch dimension of the product, paired with the input's
+    "batch": ("loi,lbi->lbo", (3, 5, IN)),
+    # ...with the input's batch dimension elsewhere
+    "batch-moved": ("loi,bli->blo", (5, 3, IN)),
+    # the stack free, the input shared by every matrix
+    "free": ("loi,bi->lbo", (5, IN)),
+    # contracting the output dimension (the transpose's product)
+    "transposed": ("loi,lbo->lbi", (3, 5, OUT)),
+    # summing over the stack: the update formed alone
+    "over-stack": ("loi,l->oi", (3,)),
+}
+
+
+@pytest.mark.parametrize("product", list(STACK_PRODUCTS))
+@pytest.mark.parametrize("options", [{}, {"decompose_both": True}], ids=["w1", "w1-decomposed"])
+def test_stacked_lokr_products_and_gradients(product, options, getkey):
+    """A stack of LoKr matrices in every layout of product: forward and factor
+    gradients equal each matrix's dense `w + s·(w1 ⊗ w2)`."""
+    spec, x_shape = STACK_PRODUCTS[product]
+    w = jr.normal(getkey(), (3, OUT, IN))
+    v = randomise_factors(lora.LokrArray(w, rank=1, key=getkey(), **options), getkey())
+    v = eqx.tree_at(lambda v: v.scaling, v, jnp.asarray([0.5, 1.0, 2.0]))
+    x = jr.normal(getkey(), x_shape)
+    f = lambda w, x: jnp.einsum(spec, w, x)  # noqa: E731
+    np.testing.assert_allclose(
+        jax.jit(quax.quaxify(f))(v, x), f(_stack_dense(v), x), rtol=1e-4, atol=1e-4
+    )
+    fields = trainable(v)
+    target = jr.normal(getkey(), jax.eval_shape(f, w, x).shape)
+
+    def loss(fields, dense: bool):
+        u = with_fields(v, fields)
+        y = f(_stack_dense(u), x) if dense else quax.quaxify(f)(u, x)
+        return jnp.sum((y - target) ** 2)
+
+    got = jax.jit(jax.grad(lambda p: loss(p, False)))(fields)
+    want = jax.grad(lambda p: loss(p, True))(fields)
+    for name in fields:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_stacked_lokr_scan_over_layers(getkey):
+    """`loraify(method="lokr")` on a model whose blocks are stacked and run with
+    `lax.scan`: every leaf of the adapter has the stacking axis, each matrix its own
+    factors, and the forward pass and gradients equal the materialised model's."""
+
+    class Model(eqx.Module):
+        layers: eqx.nn.Linear
+
+        def __init__(self, key):
+            self.layers = eqx.filter_vmap(lambda k: eqx.nn.Linear(IN, IN, key=k))(jr.split(key, 4))
+
+        def __call__(self, x):
+            params, static = eqx.partition(self.layers, eqx.is_array)
+            body = lambda x, p: (jnp.tanh(eqx.combine(p, static)(x)), None)  # noqa: E731
+            return jax.lax.scan(body, x, params)[0]
+
+    model = lora.loraify(Model(getkey()), rank=2, method="lokr", key=getkey())
+    v = model.layers.weight
+    assert isinstance(v, lora.LokrArray) and v.scaling.shape == (4,)
+    assert all(x.shape[0] == 4 for x in jax.tree.leaves(v))
+    assert not np.allclose(v.w2_a[0], v.w2_a[1])  # its own draw per matrix
+    model = eqx.tree_at(lambda m: m.layers.weight, model, randomise_factors(v, getkey()))
+    x = jr.normal(getkey(), (IN,))
+    params, frozen = lora.partition(model)
+
+    def loss(params, run):
+        return jnp.sum(run(eqx.combine(params, frozen))(x) ** 2)
+
+    got = jax.jit(lambda p: loss(p, quax.quaxify))(params)
+    want = loss(params, lora.materialise)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    g = jax.jit(jax.grad(lambda p: loss(p, quax.quaxify)))(params)
+    g_ref = jax.grad(lambda p: loss(p, lora.materialise))(params)
+    assert tree_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_lokr_dropout_per_matrix(getkey):
+    """With a dropout key, each matrix of a stack draws its own module dropout."""
+    w = jr.normal(getkey(), (16, OUT, IN))
+    v = randomise_factors(lora.LokrArray(w, rank=2, key=getkey(), module_dropout=0.5), getkey())
+    x = jr.normal(getkey(), (16, IN))
+    f = quax.quaxify(lambda w, x: jnp.einsum("loi,li->lo", w, x))
+    base = jnp.einsum("loi,li->lo", w, x)
+    on = f(v, x) - base
+    off = f(lora.with_dropout_keys(v, getkey()), x) - base
+    skipped = np.all(np.abs(off) < 1e-6, axis=-1)
+    assert 0 < skipped.sum() < 16  # some matrices skipped their update, not all
+    np.testing.assert_allclose(off[~skipped], on[~skipped], rtol=1e-4, atol=1e-4)
