@@ -627,9 +627,10 @@ def test_stacked_lokr_dropout_per_matrix(getkey):
     v = randomise_factors(lora.LokrArray(w, rank=2, key=getkey(), module_dropout=0.5), getkey())
     x = jr.normal(getkey(), (16, IN))
     f = quax.quaxify(lambda w, x: jnp.einsum("loi,li->lo", w, x))
-    base = jnp.einsum("loi,li->lo", w, x)
-    on = f(v, x) - base
-    off = f(lora.with_dropout_keys(v, getkey()), x) - base
-    skipped = np.all(np.abs(off) < 1e-6, axis=-1)
+    with jax.default_matmul_precision("highest"):  # a GPU's TF32 aside
+        base = jnp.einsum("loi,li->lo", w, x)
+        on = f(v, x) - base
+        off = f(lora.with_dropout_keys(v, getkey()), x) - base
+    skipped = np.all(np.abs(off) < 1e-4 * float(jnp.abs(on).max()), axis=-1)
     assert 0 < skipped.sum() < 16  # some matrices skipped their update, not all
     np.testing.assert_allclose(off[~skipped], on[~skipped], rtol=1e-4, atol=1e-4)
