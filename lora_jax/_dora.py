@@ -14,7 +14,7 @@ from ._broadcast import along_output
 from ._dropout import dropout as apply_dropout
 from ._lora import Init, init_factors, lora_scaling
 from ._remat import OUTPUT_NAME
-from ._rules import Dims, join_dims, lowrank_product, result_order
+from ._rules import Dims, join_dims, lowrank_product, per_matrix, per_matrix_keys, result_order
 from ._validate import (
     check_choice,
     check_dtype,
@@ -149,6 +149,8 @@ class DoraArray(AbstractAdapter):
         return _delta(self.w, self.a, self.b, self.m, lax.stop_gradient(self.scaling), self.axis)
 
     def dot_general(self, other, dims: Dims, params):
+        if per_matrix_keys(self):  # one dropout key per matrix of the stack
+            return per_matrix(self, other, dims, params)
         # The kernel's gradient stops at `w`: a trained base takes XLA's path.
         if self.kernel == "mosaic" and self.stop_gradient and self.axis == -2:
             rate = self.dropout if self.dropout_key is not None else 0.0

@@ -23,7 +23,9 @@ def with_dropout_keys(model: PyTree, key: PRNGKeyArray | None) -> PyTree:
     **Arguments:**
 
     - `model`: a PyTree holding adapters.
-    - `key`: a JAX PRNG key, split once per adapter, or `None`.
+    - `key`: a JAX PRNG key, split once per adapter (and once per matrix of a stacked
+        adapter, so that `lax.scan` over the stack gives each layer its own), or
+        `None`.
 
     **Returns:**
 
@@ -60,6 +62,9 @@ def with_dropout_keys(model: PyTree, key: PRNGKeyArray | None) -> PyTree:
     holders = [i for i, x in enumerate(leaves) if is_adapter(x) and hasattr(x, "dropout_key")]
     keys = [None] * len(holders) if key is None else list(jr.split(key, max(len(holders), 1)))
     for i, k in zip(holders, keys):
+        stack = leaves[i].scaling.shape  # a stacked adapter: one key per matrix
+        if k is not None and stack:
+            k = jr.split(k, stack)
         leaves[i] = eqx.tree_at(lambda v: v.dropout_key, leaves[i], k, is_leaf=lambda x: x is None)
     return jtu.tree_unflatten(treedef, leaves)
 

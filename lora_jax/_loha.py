@@ -13,7 +13,15 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 from . import _mosaic
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._dropout import module_keep, unit_mask
-from ._rules import Dims, lowrank_product, plain_product, product_sharding, result_order
+from ._rules import (
+    Dims,
+    lowrank_product,
+    per_matrix,
+    per_matrix_keys,
+    plain_product,
+    product_sharding,
+    result_order,
+)
 from ._validate import (
     check_choice,
     check_dtype,
@@ -165,6 +173,8 @@ class LohaArray(AbstractAdapter):
         return ab * expand_scaling(lax.stop_gradient(self.scaling), ab)
 
     def dot_general(self, other, dims: Dims, params):
+        if per_matrix_keys(self):  # one dropout key per matrix of the stack
+            return per_matrix(self, other, dims, params)
         a, b = self.lora_factors()
         if self.dropout_key is not None:
             k_rank, k_module = jr.split(self.dropout_key)

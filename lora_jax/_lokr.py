@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 from . import _mosaic
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._dropout import module_keep, unit_mask
-from ._rules import Dims, join_dims, plain_product, result_order
+from ._rules import Dims, join_dims, per_matrix, plain_product, result_order
 from ._validate import (
     check_choice,
     check_dtype,
@@ -304,7 +304,7 @@ class LokrArray(AbstractAdapter):
 
     def dot_general(self, other, dims: Dims, params):
         if self._w.ndim > 2:
-            return _stacked_dot(self, other, dims, params)
+            return per_matrix(self, other, dims, params)
         # A decomposed factor is applied as its two thin factors, never multiplied out:
         # `w2` is the large one (about `out/f × in/f`).
         w1 = self.w1 if self.w1 is not None else (self.w1_a, self.w1_b)
@@ -358,56 +358,6 @@ class LokrArray(AbstractAdapter):
         # A static field: set on the fresh copy `tree_at` made.
         object.__setattr__(new, "transposed", self.transposed != swap)
         return new
-
-
-def _stacked_dot(v: LokrArray, other, dims: Dims, params):
-    """A product with a stack of LoKr matrices (leading dimensions on `w`, every factor
-    and the scaling) as one product per matrix: `jax.vmap` over the stack's first
-    dimension, paired with `other`'s where it is a batch dimension of the product and
-    with `other` whole where it is free. Each matrix draws its own dropout from a key
-    split off the stack's. A product that sums over the stack forms the update alone
-    (never `w + Δ`)."""
-    if 0 in dims.adapter_contract:
-        return _delta_dot(v.w, v.delta(), other, dims, params)
-    n = v._w.shape[0]
-    shift = lambda ds, d: tuple(x - (x > d) for x in ds)
-    if 0 in dims.adapter_batch:
-        j = dims.adapter_batch.index(0)
-        o = dims.other_batch[j]
-        inner = Dims(
-            shift(dims.adapter_contract, 0),
-            shift(dims.other_contract, o),
-            shift(dims.adapter_batch[:j] + dims.adapter_batch[j + 1 :], 0),
-            shift(dims.other_batch[:j] + dims.other_batch[j + 1 :], o),
-            dims.adapter_lhs,
-        )
-        other_axis, out_axis = o, j
-    else:
-        inner = Dims(
-            shift(dims.adapter_contract, 0),
-            dims.other_contract,
-            shift(dims.adapter_batch, 0),
-            dims.other_batch,
-            dims.adapter_lhs,
-        )
-        # The stack's dimension is the adapter's first free one: first of its free
-        # dimensions in the output, after the batch ones (and `other`'s free ones when
-        # the adapter is on the right).
-        other_free = other.ndim - len(dims.other_contract) - len(dims.other_batch)
-        other_axis = None
-        out_axis = len(dims.adapter_batch) + (0 if dims.adapter_lhs else other_free)
-    key = v.dropout_key
-    keys = None if key is None else jr.split(key, n)
-    stack = eqx.tree_at(lambda x: x.dropout_key, v, None, is_leaf=lambda x: x is None)
-
-    def one(vi, x, ki):
-        if ki is not None:
-            vi = eqx.tree_at(lambda x: x.dropout_key, vi, ki, is_leaf=lambda x: x is None)
-        return vi.dot_general(x, inner, params)
-
-    return jax.vmap(
-        one, in_axes=(0, other_axis, 0 if keys is not None else None), out_axes=out_axis
-    )(stack, other, keys)
 
 
 def _factors(w1, w1_a, w1_b, w2, w2_a, w2_b):
@@ -464,20 +414,6 @@ def _lokr_product(w, w1, w2, scaling, transposed, other, dims: Dims, params, row
             if dims.adapter_lhs
             else (lax.dot_general(other, d, dn, precision=precision))
         )
-    return out + delta.astype(out.dtype)
-
-
-@quax.quaxify
-def _delta_dot(w, d, other, dims: Dims, params):
-    """`w·x + Δ·x` with the update `Δ` formed alone (never `w + Δ`)."""
-    out = plain_product(w, other, dims, params)
-    dn, precision = join_dims(*dims), params.get("precision")
-    x = other.astype(d.dtype)
-    delta = (
-        lax.dot_general(d, x, dn, precision=precision)
-        if dims.adapter_lhs
-        else lax.dot_general(x, d, dn, precision=precision)
-    )
     return out + delta.astype(out.dtype)
 
 

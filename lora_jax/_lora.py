@@ -13,7 +13,15 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 from . import _mosaic
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._dropout import dropout as apply_dropout
-from ._rules import Dims, lowrank_product, plain_product, product_sharding, result_order
+from ._rules import (
+    Dims,
+    lowrank_product,
+    per_matrix,
+    per_matrix_keys,
+    plain_product,
+    product_sharding,
+    result_order,
+)
 from ._validate import (
     check_bool,
     check_choice,
@@ -187,6 +195,8 @@ class LoraArray(AbstractAdapter):
         return _delta(self.a, self.b, lax.stop_gradient(self.scaling))
 
     def dot_general(self, other, dims: Dims, params):
+        if per_matrix_keys(self):  # one dropout key per matrix of the stack
+            return per_matrix(self, other, dims, params)
         # The kernel's gradient stops at `w`: a trained base takes XLA's path.
         if self.kernel == "mosaic" and self.stop_gradient:
             rate = self.dropout if self.dropout_key is not None else 0.0

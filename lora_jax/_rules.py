@@ -13,10 +13,12 @@ import functools
 import string
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.extend.core as jexc
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.random as jr
 import jax.tree_util as jtu
 import quax
 from jax._src.ad_checkpoint import remat_p
@@ -402,3 +404,78 @@ def _(*args: ArrayLike | quax.ArrayValue, jaxpr, prevent_cse, differentiated, po
 
     out_flat = jax.checkpoint(body, prevent_cse=prevent_cse, policy=policy)(*flat)
     return jtu.tree_unflatten(out_tree[-1], out_flat)
+
+
+def per_matrix_keys(v) -> bool:
+    """Whether a stacked adapter holds one dropout key per matrix (as
+    [`lora_jax.with_dropout_keys`][] gives it), not one for the whole stack."""
+    key = getattr(v, "dropout_key", None)
+    if key is None or v.scaling.ndim == 0:
+        return False
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim - (0 if typed else 1) == v.scaling.ndim
+
+
+def per_matrix(v, other, dims: Dims, params):
+    """A product with a stack of adapted matrices (leading dimensions on `w`, every
+    factor and the scaling) as one product per matrix: `jax.vmap` over the stack's
+    first dimension, paired with `other`'s where it is a batch dimension of the product
+    and with `other` whole where it is free. Each matrix draws its own dropout: from
+    its own key where the adapter holds one per matrix, else from a key split off the
+    stack's. A product that sums over the stack forms the update alone (never
+    `w + Δ`)."""
+    if 0 in dims.adapter_contract:
+        return _delta_dot(v.w, v.delta(), other, dims, params)
+    n = v._w.shape[0]
+    shift = lambda ds, d: tuple(x - (x > d) for x in ds)
+    if 0 in dims.adapter_batch:
+        j = dims.adapter_batch.index(0)
+        o = dims.other_batch[j]
+        inner = Dims(
+            shift(dims.adapter_contract, 0),
+            shift(dims.other_contract, o),
+            shift(dims.adapter_batch[:j] + dims.adapter_batch[j + 1 :], 0),
+            shift(dims.other_batch[:j] + dims.other_batch[j + 1 :], o),
+            dims.adapter_lhs,
+        )
+        other_axis, out_axis = o, j
+    else:
+        inner = Dims(
+            shift(dims.adapter_contract, 0),
+            dims.other_contract,
+            shift(dims.adapter_batch, 0),
+            dims.other_batch,
+            dims.adapter_lhs,
+        )
+        # The stack's dimension is the adapter's first free one: first of its free
+        # dimensions in the output, after the batch ones (and `other`'s free ones when
+        # the adapter is on the right).
+        other_free = other.ndim - len(dims.other_contract) - len(dims.other_batch)
+        other_axis = None
+        out_axis = len(dims.adapter_batch) + (0 if dims.adapter_lhs else other_free)
+    key = v.dropout_key
+    keys = None if key is None else (key if per_matrix_keys(v) else jr.split(key, n))
+    stack = eqx.tree_at(lambda x: x.dropout_key, v, None, is_leaf=lambda x: x is None)
+
+    def one(vi, x, ki):
+        if ki is not None:
+            vi = eqx.tree_at(lambda x: x.dropout_key, vi, ki, is_leaf=lambda x: x is None)
+        return vi.dot_general(x, inner, params)
+
+    return jax.vmap(
+        one, in_axes=(0, other_axis, 0 if keys is not None else None), out_axes=out_axis
+    )(stack, other, keys)
+
+
+@quax.quaxify
+def _delta_dot(w, d, other, dims: Dims, params):
+    """`w·x + Δ·x` with the update `Δ` formed alone (never `w + Δ`)."""
+    out = plain_product(w, other, dims, params)
+    dn, precision = join_dims(*dims), params.get("precision")
+    x = other.astype(d.dtype)
+    delta = (
+        lax.dot_general(d, x, dn, precision=precision)
+        if dims.adapter_lhs
+        else lax.dot_general(x, d, dn, precision=precision)
+    )
+    return out + delta.astype(out.dtype)

@@ -634,3 +634,32 @@ def test_stacked_lokr_dropout_per_matrix(getkey):
     skipped = np.all(np.abs(off) < 1e-4 * float(jnp.abs(on).max()), axis=-1)
     assert 0 < skipped.sum() < 16  # some matrices skipped their update, not all
     np.testing.assert_allclose(off[~skipped], on[~skipped], rtol=1e-4, atol=1e-4)
+
+
+DROPOUTS = {
+    "lora": {"dropout": 0.5},
+    "dora": {"dropout": 0.5},
+    "loha": {"rank_dropout": 0.5, "module_dropout": 0.3},
+    "lokr": {"rank_dropout": 0.5, "module_dropout": 0.3},
+}
+
+
+@pytest.mark.parametrize("method", list(DROPOUTS))
+def test_stacked_dropout_scan_and_whole_stack_agree(method, getkey):
+    """`with_dropout_keys` gives a stacked adapter one key per matrix: `lax.scan` over
+    the stack (each step's adapter holds its matrix's key) and a product with the
+    whole stack at once draw the same masks, and the dropout acts."""
+    cls = {"lora": lora.LoraArray, "dora": lora.DoraArray}.get(method)
+    cls = cls or {"loha": lora.LohaArray, "lokr": lora.LokrArray}[method]
+    w = jr.normal(getkey(), (6, OUT, IN))
+    v = randomise_factors(cls(w, rank=2, key=getkey(), **DROPOUTS[method]), getkey())
+    keyed = lora.with_dropout_keys(v, getkey())
+    assert keyed.dropout_key.shape == (6,)
+    x = jr.normal(getkey(), (6, IN))
+    with jax.default_matmul_precision("highest"):
+        whole = jax.jit(quax.quaxify(lambda w, x: jnp.einsum("loi,li->lo", w, x)))(keyed, x)
+        step = lambda c, wx: (c, wx[0] @ wx[1])  # noqa: E731
+        scan = jax.jit(quax.quaxify(lambda w, x: jax.lax.scan(step, 0, (w, x))[1]))(keyed, x)
+        plain = quax.quaxify(lambda w, x: jnp.einsum("loi,li->lo", w, x))(v, x)
+    np.testing.assert_allclose(whole, scan, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(whole, plain, atol=1e-4)  # the dropout acted
