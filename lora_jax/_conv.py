@@ -24,12 +24,15 @@ factor conv doing the strides, padding and dilations of its own axes. Two forms:
     factorisation as `"peft"`.
 """
 
+import functools
 import math
 from typing import Literal
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.random as jr
 import quax
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
@@ -63,6 +66,24 @@ def check_conv_weight(weight) -> tuple[int, ...]:
             f"spatial dimension, got shape {tuple(shape)}."
         )
     return tuple(shape)
+
+
+def per_kernel(method):
+    """A conv adapter's method (`delta`, `norm`) for a stack of kernels too: where the
+    adapter is stacked (the scaling's shape, the stacking dimensions, in front of
+    every leaf, as `loraify` builds it for a stacked conv), one kernel at a time. A
+    key argument is split per kernel."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        if self.scaling.ndim == 0:
+            return method(self, *args)
+        n = self.scaling.shape[0]
+        args = tuple(jr.split(a, n) if a is not None else None for a in args)
+        axes = tuple(0 if a is not None else None for a in args)
+        return jax.vmap(wrapper, in_axes=(0, *axes))(self, *args)
+
+    return wrapper
 
 
 def conv_split(form: str, num_spatial: int) -> int:
@@ -181,8 +202,9 @@ class LoraConvArray(AbstractAdapter):
 
     @property
     def rank(self) -> int:
-        return self.b.shape[0]
+        return self.b.shape[self.scaling.ndim]
 
+    @per_kernel
     def delta(self) -> Array:
         return conv_delta(self.a, self.b, self.form, lax.stop_gradient(self.scaling))
 

@@ -14,7 +14,7 @@ import jax.lax as lax
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter
-from ._conv import ConvPath, LoraConvArray, conv_delta, lora_conv, register_conv_rules
+from ._conv import ConvPath, LoraConvArray, conv_delta, lora_conv, per_kernel, register_conv_rules
 from ._dora import _norm
 from ._lora import Init
 
@@ -114,12 +114,14 @@ class DoraConvArray(AbstractAdapter):
 
     @property
     def rank(self) -> int:
-        return self.b.shape[0]
+        return self.b.shape[self.scaling.ndim]
 
+    @per_kernel
     def norm(self) -> Array:
         """`‖w + s·Δ‖` per output channel, shape `(out,)` (not detached)."""
         return _kernel_norm(self.w, self.a, self.b, lax.stop_gradient(self.scaling))
 
+    @per_kernel
     def delta(self) -> Array:
         # The norm is detached from the graph, as in the conv rule (PEFT's DoRA), so
         # that `conv_path="merged"` trains as the factored path does.

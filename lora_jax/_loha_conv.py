@@ -27,6 +27,7 @@ from ._conv import (
     check_conv_weight,
     conv_delta,
     lora_conv,
+    per_kernel,
     register_conv_rules,
 )
 from ._dropout import module_keep, unit_mask
@@ -182,6 +183,7 @@ class LohaConvArray(AbstractAdapter):
         window = self._w.shape[1:]  # (in/groups, *kernel)
         return a.reshape(*a.shape, *(1,) * (len(window) - 1)), b.reshape(b.shape[0], *window)
 
+    @per_kernel
     def delta(self, key: PRNGKeyArray | None = None) -> Array:
         """The dense update; with a `key`, under rank and module dropout."""
         a, b = self.conv_factors(key)

@@ -27,7 +27,14 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._base import AbstractAdapter, as_scaling
-from ._conv import CONV_PATHS, ConvPath, check_conv_weight, lora_conv, register_conv_rules
+from ._conv import (
+    CONV_PATHS,
+    ConvPath,
+    check_conv_weight,
+    lora_conv,
+    per_kernel,
+    register_conv_rules,
+)
 from ._dropout import module_keep, unit_mask
 from ._lokr import check_lokr_options, lokr_factors
 from ._validate import check_choice, check_dtype, check_not_empty
@@ -192,6 +199,7 @@ class LokrConvArray(AbstractAdapter):
                 a = a * module_keep(k_module, self.module_dropout, (), a.dtype)
         return a.reshape(*a.shape, *(1,) * len(window)), b, w1.shape[1]
 
+    @per_kernel
     def delta(self, key: PRNGKeyArray | None = None) -> Array:
         """The dense update, from the conv factors; with a `key`, under rank and module
         dropout."""

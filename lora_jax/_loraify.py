@@ -192,6 +192,27 @@ METHODS: dict[str, Callable[..., Any]] = {
 }
 
 
+def _stacking_dims(layer, weight) -> int:
+    """How many leading dimensions stack the kernels of a conv (a block built with
+    `eqx.filter_vmap`, for `lax.scan`): the kernel is `(out, in, *kernel)` with the
+    layer's spatial dimensions. Linear adapters carry stacking dimensions themselves."""
+    if isinstance(layer, (eqx.nn.Conv, eqx.nn.ConvTranspose)):
+        return weight.ndim - 2 - layer.num_spatial_dims
+    return 0
+
+
+def _build_stacked(build, weight, lead: int, *, key, **kwargs):
+    """One adapter per kernel of a stacked conv, built by `jax.vmap` over the stack with
+    a key each: every leaf, the scaling included, gets the stacking dimensions in
+    front (as a stacked Linear's adapter has), so `lax.scan` slices one kernel's
+    adapter at each step."""
+    keys = jr.split(key, weight.shape[:lead])
+    make = lambda w, k: build(w, key=k, **kwargs)
+    for _ in range(lead):
+        make = jax.vmap(make)
+    return make(weight, keys)
+
+
 def _is_candidate(x) -> bool:
     return type(x) in LAYERS
 
@@ -500,7 +521,14 @@ def loraify(
         kept = options
         if not isinstance(layer, (eqx.nn.Conv, eqx.nn.ConvTranspose)):
             kept = {o: v for o, v in options.items() if o != "conv_path"}  # convs' only
-        adapter = build(_weight(layer), rank=r, alpha=a, key=k, layer=layer, options=kept)
+        weight = _weight(layer)
+        lead = _stacking_dims(layer, weight)
+        if lead:
+            adapter = _build_stacked(
+                build, weight, lead, rank=r, alpha=a, key=k, layer=layer, options=kept
+            )
+        else:
+            adapter = build(weight, rank=r, alpha=a, key=k, layer=layer, options=kept)
         # On a mesh, the factors are laid out as the weight is.
         adapter = follow_weight(adapter)
         field = LAYERS[type(layer)].field

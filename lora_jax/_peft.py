@@ -217,7 +217,10 @@ class PeftMethod:
 
 def _no_stacking(batch, what: str) -> None:
     if batch:
-        raise ValueError(f"{what} adapters hold one weight each; they cannot be stacked.")
+        raise ValueError(
+            f"{what} adapters of a stack of layers have no PEFT form here (PEFT's "
+            "modules of stacked Linears do); save them with `lora_jax.save_adapter`."
+        )
 
 
 def _transposed(fields: Fields, names: Sequence[str]) -> Fields:
