@@ -32,6 +32,7 @@ from ._conv import (
 )
 from ._dropout import module_keep, unit_mask
 from ._loha import LohaArray, _face_split
+from ._lokr import _kaiming
 from ._validate import check_choice
 
 
@@ -142,16 +143,14 @@ class LohaConvArray(AbstractAdapter):
         self.t1 = self.t2 = None
         if tucker:
             # PyTorch's kaiming_uniform_(a=sqrt(5)) in PEFT's shapes: `hada_w1_a` is
-            # (r, out), fan-in `out`; a core's fan-in is `r·window`.
-            k1, k2, k3 = jr.split(jr.fold_in(key, 1), 3)
-            uniform = lambda k, shape, fan_in: jr.uniform(
-                k, shape, lw.w1a.dtype, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in)
-            )
+            # (r, out), our `w1a` transposed; the cores are (r, r, *kernel).
+            k1, k2, k3, k4 = jr.split(jr.fold_in(key, 1), 4)
             out, rank = lw.w1a.shape
-            self.w1a = uniform(k1, lw.w1a.shape, out)
-            self.w2a = uniform(k2, lw.w2a.shape, out)
+            dtype = lw.w1a.dtype
+            self.w1a = _kaiming(k1, (rank, out), dtype).T
+            self.w2a = _kaiming(k2, (rank, out), dtype).T
             core = (rank, rank, *shape[2:])
-            self.t1, self.t2 = uniform(k3, (2, *core), math.prod(core[1:]))
+            self.t1, self.t2 = _kaiming(k3, core, dtype), _kaiming(k4, core, dtype)
         self.scaling = lw.scaling
         self.dropout_key = None
         self.rank_dropout = lw.rank_dropout
