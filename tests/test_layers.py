@@ -675,6 +675,18 @@ def test_lokr_block_conv_as_on_a_gpu(row, getkey, monkeypatch):
     the forward pass and the factor gradients equal the dense reference, and no array
     of the weight's shape is built."""
     monkeypatch.setattr(lax, "platform_dependent", lambda *args, default, **_: default(*args))
+    # Which branch: at rank 1 (`w2` decomposed) the block-diagonal kernel is small, one
+    # conv with the layer's own groups; at rank 2 `w2` is whole and the block kernel
+    # would be larger than half the weight, so the conv is grouped into the slices.
+    layer, adapted, x = _setup(row, getkey)
+    jaxpr = jax.make_jaxpr(lambda m: _run(m, x, row))(adapted).jaxpr
+    groups = [
+        e.params["feature_group_count"]
+        for e in _all_eqns(jaxpr)
+        if e.primitive.name == "conv_general_dilated"
+    ]
+    sliced = [g for g in groups if g > layer.groups]
+    assert (not sliced) if row.options.get("rank") == 1 else sliced, groups
     test_forward_matches_dense(row, getkey)
     test_factor_gradients_match_dense(row, getkey)
     test_no_materialised_weight(row, getkey)
