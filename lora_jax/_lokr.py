@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 from . import _mosaic
 from ._base import AbstractAdapter, as_scaling, expand_scaling
 from ._dropout import module_keep, unit_mask
-from ._rules import Dims, join_dims, per_matrix, plain_product, result_order
+from ._rules import Dims, join_dims, per_matrix, plain_product, rank_minor, result_order
 from ._validate import (
     check_choice,
     check_dtype,
@@ -383,7 +383,9 @@ def _lokr_product(w, w1, w2, scaling, transposed, other, dims: Dims, params, row
     factor = scaling.astype(_dtype(w1))
     if keep is not None:
         factor = factor * keep
-    w1 = factor * w1 if not isinstance(w1, tuple) else (factor * w1[0], w1[1])
+    # (A decomposed factor's `_a` half has the rank as its minor dimension.)
+    w1 = factor * w1 if not isinstance(w1, tuple) else (factor * rank_minor(w1[0]), w1[1])
+    w2 = w2 if not isinstance(w2, tuple) else (rank_minor(w2[0]), w2[1])
     if other.dtype != _dtype(w1):
         other = other.astype(_dtype(w1))
     precision = params.get("precision")
