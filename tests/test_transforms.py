@@ -232,6 +232,31 @@ def test_custom_jvp_inside(getkey):
     assert np.isfinite(np.asarray(g.layers[0].weight.b)).all()
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr"])
+def test_forward_mode(method, getkey):
+    """`jax.jvp` and `jax.hessian` (forward over reverse) through an adapted model:
+    the factors' tangents push forward as the dense weight's tangent does."""
+    mlp = _mlp(getkey())
+    adapted = lora.loraify(mlp, rank=2, alpha=4.0, method=method, key=getkey())
+    adapted = randomise_model(adapted, getkey())
+    params, frozen = lora.partition(adapted)
+    x = jr.normal(getkey(), (5, 6))
+    tangent = jax.tree.map(lambda p: jr.normal(getkey(), p.shape), params)
+
+    def ours(p):
+        return _loss(quax.quaxify(eqx.combine(p, frozen)), x)
+
+    def dense(p):
+        return _loss(lora.materialise(eqx.combine(p, frozen)), x)
+
+    got = jax.jvp(ours, (params,), (tangent,))
+    want = jax.jvp(dense, (params,), (tangent,))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # A Hessian-vector product, forward over reverse.
+    hvp = lambda f: jax.jvp(jax.grad(f), (params,), (tangent,))[1]
+    assert tree_allclose(hvp(ours), hvp(dense), rtol=1e-3, atol=1e-5)
+
+
 def test_changing_scaling_does_not_recompile(getkey):
     adapted, _, x = _setup(getkey)
 
