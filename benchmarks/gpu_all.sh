@@ -99,9 +99,9 @@ run() {
 if [[ ${QUICK:-0} == 1 ]]; then # a smoke test of this script on a CPU machine
     step=(--preset tiny) compile=(--quick) methods=(--runs 1) quant=(--rounds 1)
 else
-    step=(--preset gpu) compile=(--repeats 2) methods=(--runs 30) quant=(--rounds 30)
+    step=(--preset gpu --rounds 20) compile=(--repeats 2) methods=(--runs 30) quant=(--rounds 30)
 fi
-run step 250 "$PY" benchmarks/step.py "${step[@]}" --out "$OUT/step_gpu.md"
+run step 300 "$PY" benchmarks/step.py "${step[@]}" --out "$OUT/step_gpu.md"
 # Writes its table after every depth, so a run cut short keeps what it measured.
 run compile_time 160 "$PY" benchmarks/compile_time.py "${compile[@]}" \
     --out "$OUT/compile_time_gpu.md"

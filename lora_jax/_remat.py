@@ -63,10 +63,10 @@ def remat_policy(prim, *args, **params) -> bool:
         ```
 
     On the GPU benchmark shapes (8 blocks 2048→8192→2048, 8192 tokens, bfloat16, an H100)
-    this takes a LoRA step's memory from 1.75× the floor's to 0.77× of it, at 1.01× the
-    time (`benchmarks/results/remat_h100.md`). On a CPU, where XLA already fuses the
-    elementwise work into its consumers, it saves nothing and costs time: use it on
-    accelerators. Plain layers inside the block are recomputed in the backward pass (their
+    this takes a LoRA step's memory from 1.75× the floor's to 0.77× of it, at about the
+    same time (1.27× the floor against 1.26×; `benchmarks/results/step_h100.md`). On a
+    CPU, where XLA already fuses the elementwise work into its consumers, it saves
+    nothing and costs time: use it on accelerators. Plain layers inside the block are recomputed in the backward pass (their
     products are not named), and DoRA layers keep their product both before and after the
     magnitudes.
     """
