@@ -10,7 +10,8 @@ kernels by kind:
   products land here, with whatever elementwise work XLA fused into them);
 - elementwise / reduction: XLA's other fusions (activations, adds, scaling, optimiser);
 - memset / memcpy;
-- gaps: the step's wall time minus the sum of its kernels (launches, host work).
+- gaps: the step's wall time (steps run back to back) minus the sum of its kernels:
+  the device idle between kernels.
 
 On a GPU the kernels of one step run one after another on one stream, so the sums are
 exclusive and add up to the wall time with the gaps. On a CPU XLA runs independent
@@ -31,7 +32,6 @@ import os
 import pathlib
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,17 @@ KINDS = (
     "elementwise / reduction",
     "memset / memcpy",
 )
-ROWS = ("lora", "lora-mosaic", "dora", "dora-mosaic", "lokr", "loha", "lokr-default")
+ROWS = (
+    "lora",
+    "lora-mosaic",
+    "dora",
+    "dora-mosaic",
+    "lokr",
+    "lokr-mosaic",
+    "loha",
+    "loha-mosaic",
+    "lokr-default",
+)
 
 
 def kind(name: str) -> str:
@@ -78,22 +88,16 @@ def build(preset: str, rows):
     opt = optax.adamw(1e-4)
     out = {"floor": ("JAX floor (fwd + input grad)", step.jax_floor(model, x))}
     for row, (method, rank, options) in step.method_configs(cfg["rank"]).items():
-        if row not in rows:
-            continue
-        adapted = lora.loraify(
-            model, rank=rank, alpha=2.0 * rank, method=method, key=keys[-2], **options
-        )
-        label = f"{method} (rank {rank})" + (" default split" if row == "lokr-default" else "")
-        out[row] = (label, step.jax_adapter_step(adapted, x, opt, lora.partition))
-    for method in ("lora", "dora"):  # the fused kernel (a Hopper GPU; else XLA's path)
-        if f"{method}-mosaic" not in rows:
-            continue
-        r = cfg["rank"]
-        adapted = lora.loraify(
-            model, rank=r, alpha=2.0 * r, method=method, key=keys[-2], kernel="mosaic"
-        )
-        label = f"{method} (rank {r}), kernel='mosaic'"
-        out[f"{method}-mosaic"] = (label, step.jax_adapter_step(adapted, x, opt, lora.partition))
+        # `-mosaic`: the fused kernel (on a Hopper GPU; elsewhere XLA's path).
+        for name, kernel in ((row, {}), (f"{row}-mosaic", {"kernel": "mosaic"})):
+            if name not in rows:
+                continue
+            adapted = lora.loraify(
+                model, rank=rank, alpha=2.0 * rank, method=method, key=keys[-2], **options, **kernel
+            )
+            label = f"{method} (rank {rank})" + (" default split" if row == "lokr-default" else "")
+            label += ", kernel='mosaic'" if kernel else ""
+            out[name] = (label, step.jax_adapter_step(adapted, x, opt, lora.partition))
     return out
 
 
@@ -132,12 +136,9 @@ def kernel_times(contender, steps: int):
 
 
 def wall(contender, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        contender.sync(contender())
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    """Seconds per step, `steps` steps run back to back as a training loop runs them
+    (`step.step_times`), the median of 5 such runs."""
+    return step.step_times({"c": contender}, 5, steps)[0]["c"]
 
 
 def main(preset, rows, steps, top):
@@ -165,8 +166,8 @@ def main(preset, rows, steps, top):
         f"- date: {datetime.date.today()}; device: {jax.devices()[0].device_kind}; "
         f"jax {jax.__version__}; lora_jax at {step.git_commit()}",
         f"- shapes and rows as `benchmarks/step.py --preset {preset}`; kernels summed over "
-        f"{steps} profiled steps (`jax.profiler`), wall time the median of {2 * steps} "
-        "more; ms per step",
+        f"{steps} profiled steps (`jax.profiler`); wall time per step with {2 * steps} "
+        "steps run back to back (the median of 5 such runs); ms per step",
         "- "
         + (
             "GPU: one stream, so the kinds are exclusive; gaps = wall − kernels."
