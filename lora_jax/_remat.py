@@ -66,8 +66,8 @@ def remat_policy(prim, *args, **params) -> bool:
     this takes a LoRA step's memory from 1.75× the floor's to 0.77× of it, at about the
     same time (1.27× the floor against 1.26×; `benchmarks/results/step_h100.md`). On a
     CPU, where XLA already fuses the elementwise work into its consumers, it saves
-    nothing and costs time: use it on accelerators. Plain layers inside the block are recomputed in the backward pass (their
-    products are not named), and DoRA layers keep their product both before and after the
-    magnitudes.
+    nothing and costs time: use it on accelerators. Plain layers inside the block are
+    recomputed in the backward pass (their products are not named), and DoRA layers keep
+    their product both before and after the magnitudes.
     """
     return _save_named(prim, *args, **params)
