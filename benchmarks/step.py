@@ -427,8 +427,8 @@ def step_times(calls, rounds, steps=PIPELINE):
       one, and a step costs what the device takes. Each contender feeds a call's
       results to the next (the floor a scalar), so calls never overlap.
     - per call: one call waited on. It adds the host's dispatch and the wait to the
-      device's time: on the H100 machine about 2.5 ms whatever the contender, which
-      pulls every ratio towards 1.
+      device's time: on the H100 machine about 0.6 ms for the floor's 17 arguments and
+      1.7-2.3 ms for a LoRA step's 130, which moves with the host.
 
     A call's result is waited on by the call's `sync` (torch's contenders) or
     `jax.block_until_ready`."""
