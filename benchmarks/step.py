@@ -644,8 +644,8 @@ def main(preset, rounds, only):
         "host's work overlaps the device's); each step takes the previous one's "
         "results (the floor a scalar from its input gradient), so steps never "
         "overlap. ms / call: one step waited on by itself, which adds the host's "
-        "dispatch and the wait's latency to every row alike. × floor columns are "
-        "against the JAX floor measured the same way.",
+        "dispatch (more for a step with more arguments) and the wait's latency. "
+        "× floor columns are against the JAX floor measured the same way.",
         f"- parameter budgets: LoRA, DoRA, quax and PEFT at rank {r} train "
         "r·(in+out) per matrix (DoRA adds its `out` magnitudes); LoHa at rank "
         f"{max(1, r // 2)} has two factor pairs, so the same count; LoKr with "
