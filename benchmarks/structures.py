@@ -181,7 +181,7 @@ class AttentionBlock(eqx.Module):
     def __init__(self, d, hidden, heads, *, dtype, key):
         k1, k2 = jr.split(key)
         self.ln1 = eqx.nn.LayerNorm(d, dtype=dtype)
-        self.attn = eqx.nn.MultiheadAttention(heads, d, dtype=dtype, key=k1)
+        self.attn = eqx.nn.MultiheadAttention(heads, d, inference=True, dtype=dtype, key=k1)
         self.ln2 = eqx.nn.LayerNorm(d, dtype=dtype)
         self.mlp = MlpBlock(d, hidden, bias=True, dtype=dtype, key=k2)
 
