@@ -592,8 +592,9 @@ def header(preset, cfg, rounds, structures, dtypes):
         "compiled step's argument + output + temp − alias bytes (`memory_analysis()`), "
         "temp: its temp bytes; × hand: against the hand-written JAX LoRA step",
         "- relayouts: activation-sized `transpose`/`copy` instructions in the optimised "
-        "HLO (result ≥ the input gradient's size; inside a fusion only its outputs; "
-        "each instruction once, however often a loop runs it): `matrix.relayouts`",
+        "HLO (result ≥ the input gradient's size, so a weight as large counts too, as in "
+        "full fine-tuning's weight gradients; inside a fusion only its outputs; each "
+        "instruction once, however often a loop runs it): `matrix.relayouts`",
     ]
     if BENCH_IMPORT_ERROR is not None:
         lines.append(f"- note: flax/qwix do not import: {BENCH_IMPORT_ERROR}")
