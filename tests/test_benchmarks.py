@@ -1,6 +1,7 @@
 """The benchmark scripts still run (their tiny presets): a broken benchmark is found here,
 not on the GPU machine. Timings are not checked (CI has no GPU and shared cores)."""
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -83,3 +84,22 @@ def test_fused_mosaic_check():
     run = run_script("fused_mosaic.py", "--check")  # under the tracer-leak checker
     assert run.stdout.count("lowered for CUDA") == 2, run.stdout
     assert "gradients (x, a, b), custom_vjp against dense" in run.stdout
+
+
+def test_matrix_tiny(tmp_path):
+    """matrix.py over two structures: every contender builds, and each row has a ratio
+    to the floor. The nnx and qwix rows run where flax and qwix import."""
+    out = tmp_path / "matrix.md"
+    only = ["lora", "quax", "handwritten"]
+    if all(importlib.util.find_spec(m) for m in ("flax", "qwix")):
+        only += ["nnx", "qwix"]
+    structures = ["mlp-nobias", "embedding"]
+    args = ["--preset", "tiny", "--rounds", "2", "--only", ",".join(only), "--out", str(out)]
+    run_script("matrix.py", *args, "--structures", ",".join(structures))
+    table = out.read_text()
+    assert "failed to build" not in table, table
+    # | label | trained | args | ms / step | × floor | ms / call | × floor | compile s |
+    row = r"^\| (.+?) \| [\d,]+ \| \d+ \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \|"
+    ratios = re.findall(row, table, re.M)
+    assert len(ratios) == len(structures) * (len(only) + 1), table  # and the floors
+    assert all(float(step) > 0 and float(call) > 0 for _, step, call in ratios), table
